@@ -1,0 +1,26 @@
+"""streamlens: make the residual stream of a transformer visible.
+
+    >>> import streamlens as sl
+    >>> model = sl.load("smollm2-135m")          # or a save_pretrained folder, a hub name, a bridge
+    >>> tr = sl.trace(model, "The capital of France is", positions="last")
+    >>> tr.closure_error()                       # resid_post == resid_pre + attn_out + mlp_out
+    >>> tr.to_dataframe()                        # per-layer norms, relative update sizes, cosines
+"""
+
+from streamlens.capture import LayerStack, ResidualTrace, TraceStats, trace, trace_stats
+from streamlens.errors import StreamlensError, UnsupportedModelError
+from streamlens.model import Architecture, Model, load
+
+__all__ = [
+    "Architecture",
+    "LayerStack",
+    "Model",
+    "ResidualTrace",
+    "StreamlensError",
+    "TraceStats",
+    "UnsupportedModelError",
+    "load",
+    "trace",
+    "trace_stats",
+]
+__version__ = "0.1.0"
