@@ -16,21 +16,25 @@ Handler = Callable[[argparse.Namespace], int]
 _HANDLERS: dict[str, Handler] = {}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=256, help="truncate each document to this many tokens")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="truncate each document to this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def _load(args):
+def _seed(args) -> None:
     import torch
 
+    torch.manual_seed(args.seed)
+
+
+def _load(args):
     import streamlens as sl
 
-    torch.manual_seed(args.seed)
+    _seed(args)
     return sl.load(args.model, device=args.device, dtype=args.dtype)
 
 
@@ -49,17 +53,205 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamlens", description="Residual-stream interpretability for transformer LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("trace", help="per-layer summary of the residual stream on some prompts",
-                       epilog='example: streamlens trace smollm2-135m --prompt "The capital of France is"',
+def _verb(name: str):
+    """A library verb, or a one-line error when this installation does not have it."""
+    import streamlens as sl
+
+    fn = getattr(sl, name, None)
+    if fn is None:
+        raise StreamlensError(f"streamlens.{name} is not available in this installation of streamlens")
+    return fn
+
+
+def _texts(args) -> list[str]:
+    texts = _verb("load_texts")(args.data)
+    if not texts:
+        raise StreamlensError(f"data file {args.data!r} has no texts")
+    return list(texts)
+
+
+def _emit(df, fmt: str, out: str | None, payload=None) -> None:
+    """Print ``df`` as a table, CSV or JSON (``payload`` replaces the rows for JSON) and write ``out``."""
+    from streamlens import report as rp
+
+    if fmt == "json":
+        import json
+
+        print(json.dumps(rp.jsonable(payload if payload is not None else df), indent=2))
+    elif fmt == "csv":
+        print(df.to_csv(index=False), end="")
+    else:
+        print(rp.text_table(df))
+    if out:
+        path = rp.write_json(payload if payload is not None else df, out) if out.endswith(".json") else rp.write_csv(df, out)
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from streamlens import report as rp
+    from streamlens.inputs import encode
+
+    decompose = _verb("decompose")
+    model = _load(args)
+    dec = decompose(model, [args.prompt], args.target, contrast=args.contrast, unit=args.unit,
+                    position=args.position, progress=False)
+    payload = rp.attribution_payload(dec, model=model.name, tokens=encode(model, args.prompt).str_tokens[0])
+    import pandas as pd
+
+    table = pd.DataFrame(payload["components"] + [{"name": "bias", "kind": "bias", "value": payload["bias"]}])
+    _emit(table, args.format, args.out, payload)
+    if args.format == "table":
+        print(f"logit {payload['logit']:.4f} = components {table['value'].sum() - payload['bias']:.4f} "
+              f"+ bias {payload['bias']:.4f} (check {payload['check']:.1e})")
+    if args.html:
+        path = rp.attribution_report(payload, args.html, arch={"model": model.name, **model.arch.to_dict()})
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_lens(args: argparse.Namespace) -> int:
+    from streamlens import demo
+
+    model = _load(args)
+    df = demo.lens_table(_verb("logit_lens"), model, args.prompt, top_k=args.top_k)
+    _emit(df, args.format, args.out)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from streamlens import report as rp
+
+    sweep = _verb("skip_sweep")
+    model = _load(args)
+    texts = _texts(args)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    kw = dict(unit=args.unit, mode=args.mode, metrics=metrics, batch_size=args.batch_size, max_tokens=args.max_tokens,
+              out=args.out, resume=args.resume, progress=True)
+    if args.width is not None:
+        kw["width"] = args.width
+    res = sweep(model, texts, **kw)
+    print(rp.text_table(res.to_dataframe()))
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from streamlens import demo
+
+    model = _load(args)
+    res = demo.build_report(model, _texts(args), args.out, prompts=args.prompt, unit=args.unit,
+                            batch_size=args.batch_size, max_tokens=args.max_tokens)
+    _print_summary(res)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamlens import demo
+
+    _seed(args)
+    res = demo.run_demo(args.model, args.out, n_docs=args.n_docs, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
+                        unit=args.unit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    _print_summary(res)
+    return 0
+
+
+def _print_summary(res) -> None:
+    from streamlens import report as rp
+
+    print(rp.text_table(res.summary))
+    for title, why in res.missing.items():
+        print(f"not computed: {title} ({why})")
+    print(f"{len(res.files)} files in {res.out_dir} ({res.wall_s:.1f} s)")
+    print(f"report: {res.report}")
+
+
+def _cmd_dynamics(args: argparse.Namespace) -> int:
+    dyn = _verb("dynamics")
+    model = _load(args)
+    res = dyn(model, _texts(args), batch_size=args.batch_size, max_tokens=args.max_tokens)
+    _emit(res.to_dataframe(), args.format, args.out)
+    return 0
+
+
+_MODEL_HELP = "a save_pretrained folder, a hub name, or a short name (smollm2-135m)"
+
+
+def _sub(sub, name: str, help: str, example: str, handler: Handler, *, model: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a save_pretrained folder, a hub name, or a short name (smollm2-135m)")
+    if model:
+        p.add_argument("model", help=_MODEL_HELP)
+    _HANDLERS[name] = handler
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamlens", description="Residual-stream interpretability for transformer LMs.",
+                                     epilog="example:\n  streamlens demo", formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _sub(sub, "trace", "per-layer summary of the residual stream on some prompts",
+             'streamlens trace smollm2-135m --prompt "The capital of France is"', _cmd_trace)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--out", help="write the summary (.csv or .json)")
     _common(p)
-    _HANDLERS["trace"] = _cmd_trace
+
+    p = _sub(sub, "attribute", "exact split of one prediction's logit into per-layer/head/neuron contributions",
+             'streamlens attribute smollm2-135m --prompt "The capital of France is" --target " Paris" --format json',
+             _cmd_attribute)
+    p.add_argument("--prompt", required=True, help="the prompt")
+    p.add_argument("--target", required=True, help="the target token (a single token, e.g. ' Paris')")
+    p.add_argument("--contrast", help="a second token: attribute the logit difference target - contrast")
+    p.add_argument("--unit", choices=("layer", "head", "neuron"), default="layer")
+    p.add_argument("--position", type=int, default=-1, help="position to attribute (default -1, the last token)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--out", help="also write the components (.csv) or the JSON (.json)")
+    p.add_argument("--html", help="write an HTML report with the attribution bars")
+    _common(p)
+
+    p = _sub(sub, "lens", "logit lens: the top tokens read out of the stream after every layer",
+             'streamlens lens smollm2-135m --prompt "The capital of France is"', _cmd_lens)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--out", help="write the table (.csv or .json)")
+    _common(p)
+
+    p = _sub(sub, "sweep", "remove blocks/sub-layers/heads one at a time and measure the damage",
+             "streamlens sweep smollm2-135m --data texts.txt --unit block --out sweep.jsonl --resume", _cmd_sweep)
+    p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
+    p.add_argument("--unit", choices=("block", "attn", "mlp", "head", "span"), default="block")
+    p.add_argument("--width", type=int, default=None, help="span width: consecutive blocks removed together")
+    p.add_argument("--mode", choices=("skip", "mean", "drop-residual"), default="skip")
+    p.add_argument("--metrics", default="kl,ce,top1", help="comma-separated (default kl,ce,top1)")
+    p.add_argument("--out", help="write results as they come (.jsonl or .csv)")
+    p.add_argument("--resume", action="store_true", help="skip what --out already holds")
+    _common(p)
+
+    p = _sub(sub, "report", "per-layer attribution report over a data set (HTML + CSV)",
+             "streamlens report smollm2-135m --data texts.txt --out report.html", _cmd_report)
+    p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
+    p.add_argument("--out", default="report.html", help="the HTML file; CSV/JSON files go next to it")
+    p.add_argument("--prompt", action="append", help="prompts to decompose (default: openings of the texts)")
+    p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block", help="what the skip sweep removes")
+    _common(p, max_tokens=64)
+
+    p = _sub(sub, "demo", "the whole pipeline on SmolLM2 and a built-in English corpus, as an HTML report",
+             "streamlens demo --out streamlens-demo", _cmd_demo, model=False)
+    p.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    p.add_argument("--out", default="streamlens-demo", help="output folder")
+    p.add_argument("--n-docs", type=int, default=8, help="passages of the built-in corpus")
+    p.add_argument("--n-prompts", type=int, default=4, help="prompts whose predictions are decomposed")
+    p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block", help="what the skip sweep removes")
+    _common(p, max_tokens=64)
+
+    p = _sub(sub, "dynamics", "how the residual stream changes through depth over a data set",
+             "streamlens dynamics smollm2-135m --data texts.txt --out dynamics.csv", _cmd_dynamics)
+    p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--out", help="write the table (.csv or .json)")
+    _common(p)
     return parser
 
 
