@@ -8,18 +8,24 @@
 """
 
 from streamlens.capture import LayerStack, ResidualTrace, TraceStats, trace, trace_stats
+from streamlens.decompose import LogitDecomposition, decompose
 from streamlens.errors import StreamlensError, UnsupportedModelError
+from streamlens.lens import LogitLens, logit_lens
 from streamlens.model import Architecture, Model, load
 
 __all__ = [
     "Architecture",
     "LayerStack",
+    "LogitDecomposition",
+    "LogitLens",
     "Model",
     "ResidualTrace",
     "StreamlensError",
     "TraceStats",
     "UnsupportedModelError",
+    "decompose",
     "load",
+    "logit_lens",
     "trace",
     "trace_stats",
 ]
