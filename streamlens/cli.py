@@ -32,9 +32,12 @@ def _seed(args) -> None:
 
 
 def _load(args):
+    import transformers
+
     import streamlens as sl
 
     _seed(args)
+    transformers.utils.logging.disable_progress_bar()  # the weight-loading bar is noise around our own output
     return sl.load(args.model, device=args.device, dtype=args.dtype)
 
 
@@ -55,9 +58,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 def _verb(name: str):
     """A library verb, or a one-line error when this installation does not have it."""
-    import streamlens as sl
+    from streamlens.demo import library_verb
 
-    fn = getattr(sl, name, None)
+    fn = library_verb(name)
     if fn is None:
         raise StreamlensError(f"streamlens.{name} is not available in this installation of streamlens")
     return fn

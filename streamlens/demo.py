@@ -117,11 +117,27 @@ class _Run:
         self.html.missing(title, reason)
 
 
-def _verb(name: str):
-    """A library verb, or None when this installation does not have it yet."""
+# where each verb lives, for installations whose __init__ does not export it (yet)
+_VERB_MODULES = {"decompose": "decompose", "logit_lens": "lens", "skip_sweep": "skip", "load_texts": "data",
+                 "dynamics": "dynamics"}
+
+
+def library_verb(name: str):
+    """A library verb (``streamlens.<name>``, else its module's), or None when this installation lacks it."""
+    import importlib
+
     import streamlens as sl
 
-    return getattr(sl, name, None)
+    fn = getattr(sl, name, None)
+    if fn is None and name in _VERB_MODULES:
+        try:
+            fn = getattr(importlib.import_module(f"streamlens.{_VERB_MODULES[name]}"), name, None)
+        except ImportError:
+            fn = None
+    return fn
+
+
+_verb = library_verb
 
 
 # ---------------------------------------------------------------------------- sections

@@ -1,0 +1,135 @@
+"""The ``streamlens`` command, called through ``main([...])``: schemas, identities, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import streamlens as sl
+from streamlens.cli import build_parser, main
+from streamlens.demo import library_verb
+
+SUBCOMMANDS = ("trace", "attribute", "lens", "sweep", "report", "demo", "dynamics")
+
+
+def needs(name: str):
+    return pytest.mark.skipif(library_verb(name) is None, reason=f"streamlens.{name} is not in this installation")
+
+
+def run_json(capsys, argv) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help_with_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"streamlens {cmd}" in out
+    for flag in ("--device", "--dtype", "--batch-size", "--max-tokens", "--seed", "--debug"):
+        assert flag in out
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in (["attribute", "m", "--prompt", "x"], ["sweep", "m"], ["nope"], ["lens", "m", "--prompt", "x", "--format", "xml"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+    capsys.readouterr()
+
+
+@needs("decompose")
+@pytest.mark.parametrize("arch,unit", [("llama", "layer"), ("gpt2", "head"), ("neox", "neuron")])
+def test_attribute_json_schema_and_sum_identity(tiny_dirs, capsys, arch, unit):
+    out = run_json(capsys, ["attribute", str(tiny_dirs(arch)), "--prompt", "The cat sat on the", "--target", " the",
+                            "--unit", unit, "--format", "json"])
+    for key in ("model", "tokens", "position", "target", "contrast", "logit", "bias", "components"):
+        assert key in out
+    assert out["position"] == len(out["tokens"]) - 1
+    assert out["target"] == " the" and out["contrast"] is None
+    comps = out["components"]
+    assert {"name", "kind", "layer", "head", "value"} <= set(comps[0])
+    assert {c["kind"] for c in comps} >= {"embed", "mlp", "attn" if unit == "layer" else "head" if unit == "head" else "neuron"}
+    assert "bias" not in {c["kind"] for c in comps}
+    total = sum(c["value"] for c in comps) + out["bias"]
+    assert abs(total - out["logit"]) <= 1e-4 * max(1.0, abs(out["logit"]))
+    # the logit is the model's own: compare with a plain forward pass
+    model = sl.load(str(tiny_dirs(arch)))
+    tr = sl.trace(model, "The cat sat on the", positions="last", layers=[0])
+    tid = model.tokenizer(" the")["input_ids"][-1]
+    assert abs(float(tr["logits"][0, 0, tid]) - out["logit"]) <= 1e-4 * max(1.0, abs(out["logit"]))
+
+
+@needs("decompose")
+def test_attribute_contrast_is_a_logit_difference(tiny_dirs, capsys, tmp_path):
+    folder = str(tiny_dirs("llama"))
+    argv = ["attribute", folder, "--prompt", "Hello world", "--format", "json"]
+    a = run_json(capsys, argv + ["--target", " the"])
+    b = run_json(capsys, argv + ["--target", " a"])
+    d = run_json(capsys, argv + ["--target", " the", "--contrast", " a", "--position", "0", "--out", str(tmp_path / "x.json")])
+    assert d["contrast"] == " a" and d["position"] == 0
+    assert abs(sum(c["value"] for c in d["components"]) + d["bias"] - d["logit"]) <= 1e-4 * max(1.0, abs(d["logit"]))
+    assert json.loads((tmp_path / "x.json").read_text())["logit"] == d["logit"]
+    # at the last position the difference equals the two logits' difference
+    d_last = run_json(capsys, argv + ["--target", " the", "--contrast", " a"])
+    assert abs(d_last["logit"] - (a["logit"] - b["logit"])) <= 1e-4
+
+
+@needs("decompose")
+def test_attribute_table_csv_and_html(tiny_dirs, capsys, tmp_path):
+    folder = str(tiny_dirs("llama"))
+    assert main(["attribute", folder, "--prompt", "Hello world", "--target", " the", "--format", "csv",
+                 "--html", str(tmp_path / "a.html")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("name,kind,layer,head")
+    html = (tmp_path / "a.html").read_text()
+    assert "passed" in html and html.count("plotly-graph-div") >= 1
+
+
+@needs("decompose")
+@pytest.mark.parametrize("argv,words", [
+    (["--target", "the cat sat on"], "not a single token"),
+    (["--target", " the", "--position", "50"], "out of range"),
+])
+def test_attribute_bad_input_exits_1_with_one_line(tiny_dirs, capsys, argv, words):
+    assert main(["attribute", str(tiny_dirs("llama")), "--prompt", "Hello world", *argv]) == 1
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l.lower()]
+    assert len(err) == 1 and words in err[0] and err[0].startswith("streamlens attribute: error:")
+
+
+def test_unknown_model_path_exits_1(tmp_path, capsys):
+    assert main(["trace", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(sl.StreamlensError, match="does not exist"):
+        main(["trace", str(tmp_path / "missing"), "--prompt", "x", "--debug"])
+
+
+def test_trace_still_works(tiny_dirs, capsys, tmp_path):
+    assert main(["trace", str(tiny_dirs("gpt2")), "--prompt", "Hello world", "--out", str(tmp_path / "t.json")]) == 0
+    assert "closure error" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["closure_error"] <= 1e-4
+
+
+@needs("load_texts")
+@pytest.mark.parametrize("cmd", ["sweep", "report", "dynamics"])
+def test_empty_data_file_exits_1(tiny_dirs, tmp_path, capsys, cmd):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    argv = [cmd, str(tiny_dirs("llama")), "--data", str(empty)]
+    if cmd == "report":
+        argv += ["--out", str(tmp_path / "r.html")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 1
+
+
+def test_parser_covers_every_subcommand():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(SUBCOMMANDS)
