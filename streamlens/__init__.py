@@ -8,24 +8,30 @@
 """
 
 from streamlens.capture import LayerStack, ResidualTrace, TraceStats, trace, trace_stats
+from streamlens.data import load_texts
 from streamlens.decompose import LogitDecomposition, decompose
 from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.lens import LogitLens, logit_lens
 from streamlens.model import Architecture, Model, load
+from streamlens.skip import LayerSkipEvaluator, SkipSweep, skip_sweep
 
 __all__ = [
     "Architecture",
+    "LayerSkipEvaluator",
     "LayerStack",
     "LogitDecomposition",
     "LogitLens",
     "Model",
     "ResidualTrace",
+    "SkipSweep",
     "StreamlensError",
     "TraceStats",
     "UnsupportedModelError",
     "decompose",
     "load",
+    "load_texts",
     "logit_lens",
+    "skip_sweep",
     "trace",
     "trace_stats",
 ]

@@ -1,0 +1,450 @@
+"""Layer skipping: how much does the output degrade when a block, sub-layer, head or span is removed?
+
+A block only adds an update to the stream (``x + f(x)``), so removing it (``x``) often hurts little,
+except where it does. :class:`LayerSkipEvaluator` runs the clean model once over the data, keeps what
+every removal needs, and then measures any unit removed (see :mod:`streamlens.ablate` for units and
+modes) against the clean pass:
+
+* ``kl``: ``KL(clean || ablated)`` of the next-token distributions (nats);
+* ``delta_ce`` (metric ``"ce"``): the change of cross-entropy on the data's own next tokens (the last
+  token of a document has none and is left out);
+* ``top1``: agreement with the clean top-1 token; ``topk``: overlap of the top-k sets;
+* ``angle``: angular distance ``arccos(cos)/pi`` between the clean and ablated final residuals.
+
+Each is the mean over the selected non-padding positions, with a 95% percentile-bootstrap interval
+over documents. The clean pass also gives each block's Block Influence ``1 - cos(resid_pre,
+resid_post)`` (ShortGPT), and a block sweep reports its Spearman correlation with the damage.
+
+Speed (prefix reuse): removing a unit at layer ``l`` cannot change blocks ``0..l-1``. The clean pass
+caches every block's input ``resid_pre[l]`` and the keyword arguments the bridge passed to each block
+(attention mask, rotary position embeddings, ...); a removal then runs only blocks ``l..L-1``, the
+final norm and the unembedding, and skipped blocks are not run at all. This is checked against the
+model's own forward on the first batch; where it does not reproduce it (a logit soft-cap, an LM head
+beyond the unembedding) the evaluator falls back to one full forward per unit and says why
+(``evaluator.path_reason``).
+
+    >>> ev = streamlens.LayerSkipEvaluator(model, texts, max_tokens=128)
+    >>> ev.sweep("block").to_dataframe()          # one row per block: kl, kl_lo, kl_hi, delta_ce, ...
+    >>> ev.sweep("span", width=3).plot()
+    >>> streamlens.skip_sweep(model, "corpus.jsonl", unit="head", out="heads.jsonl", resume=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from streamlens import ablate, hooks, metrics as M
+from streamlens.ablate import Atom, Unit
+from streamlens.data import load_texts
+from streamlens.errors import StreamlensError
+from streamlens.inputs import Batch, encode
+from streamlens.model import Model, as_model
+
+METRICS = {"kl": "kl", "ce": "delta_ce", "delta_ce": "delta_ce", "top1": "top1", "topk": "topk", "angle": "angle"}
+HIGHER_IS_WORSE = {"kl": True, "delta_ce": True, "top1": False, "topk": False, "angle": True}
+
+
+@dataclass(eq=False)
+class _Clean:
+    """What one batch's clean pass leaves behind for the removals."""
+
+    batch: Batch
+    sel: Tensor  # (b, p) bool: positions the metrics average over
+    doc: Tensor  # (n,) document index of each selected row
+    has_target: Tensor  # (n,) bool: the row has a next token
+    target: Tensor  # (n,) next token id (0 where none)
+    logp: Tensor  # (n, vocab) clean log-probabilities
+    top1: Tensor  # (n,) clean argmax
+    top: Tensor  # (n, k) clean top-k ids
+    final: Tensor  # (n, d) clean final residual
+    resid: list[Tensor] | None = None  # L+1 tensors (b, p, d): each block's input, then the final residual
+    calls: list[tuple] | None = None  # per block: (args after the hidden state, kwargs)
+
+
+@dataclass(frozen=True, eq=False)
+class SkipSweep:
+    """The result of a sweep: one row per removed unit (or per pruning step).
+
+    ``table`` columns: ``unit``, ``layer`` / ``head`` / ``start``, ``width`` where they apply, one
+    column per metric and its interval bounds (``kl``, ``kl_lo``, ``kl_hi``, ...), ``n_positions``;
+    block sweeps add ``block_influence``, pruning curves ``step`` and ``removed``.
+    """
+
+    kind: str
+    mode: str
+    metrics: tuple[str, ...]
+    table: pd.DataFrame = field(repr=False)
+    model_name: str = ""
+    n_docs: int = 0
+    path: str = "prefix"
+    path_reason: str = ""
+    spearman: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        missing = [c for c in ("unit", *self.metrics) if c not in self.table.columns]
+        if missing:
+            raise StreamlensError(f"sweep table lacks columns {missing}")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    def plot(self, metric: str | None = None):
+        from streamlens.plots_skip import plot_sweep
+
+        return plot_sweep(self, metric or self.metrics[0])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table (``.csv``, ``.jsonl``/``.json``) or the figure (``.html``)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            self.table.to_csv(path, index=False)
+        elif suffix in (".jsonl", ".json"):
+            self.table.to_json(path, orient="records", lines=suffix == ".jsonl")
+        elif suffix == ".html":
+            self.plot().write_html(path)
+        else:
+            raise StreamlensError(f"cannot save a sweep as {path.name!r}: use .csv, .jsonl, .json or .html")
+        return path
+
+    def __repr__(self) -> str:
+        return (f"SkipSweep({self.kind}, mode={self.mode!r}, {len(self.table)} rows, metrics={list(self.metrics)}, "
+                f"model={self.model_name!r}, path={self.path!r})")
+
+    def _repr_html_(self) -> str:
+        rho = "".join(f" ρ(BI, {k}) = {v:.3f};" for k, v in self.spearman.items())
+        return (f"<b>streamlens.SkipSweep</b> {self.kind}, mode <code>{self.mode}</code>, {self.n_docs} documents, "
+                f"{self.path} path.{rho}" + self.table.to_html(max_rows=40, float_format=lambda v: f"{v:.4g}"))
+
+
+class LayerSkipEvaluator:
+    """Measure removals of units against one shared clean pass over ``data``.
+
+    Args:
+        model: a :class:`~streamlens.Model` (or anything :func:`streamlens.load` takes).
+        data: a list of texts, a ``.txt``/``.jsonl`` path (see :func:`streamlens.load_texts`), token ids
+            (an integer tensor ``(docs, pos)`` or a list of lists).
+        max_tokens: keep at most this many tokens per document.
+        batch_size: documents per forward pass (right-padded).
+        positions: restrict the metrics to some positions: a ``slice`` of absolute positions
+            (``slice(half, None)``) or a boolean tensor ``(docs, pos)``; padding is always excluded.
+        topk: ``k`` of the ``topk`` metric.
+        n_boot, seed: bootstrap replicates (over documents) and their seed.
+        mean_over: ``"position"`` (mean write per position, the default) or ``"all"`` for ``mode="mean"``.
+        path: ``"auto"`` (prefix reuse where it reproduces the model), ``"prefix"`` or ``"naive"``.
+        field: the text field of a JSONL file.
+    """
+
+    def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
+                 topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
+                 path: str = "auto", field: str = "text", progress: bool = True):
+        self.model: Model = as_model(model)
+        if path not in ("auto", "prefix", "naive"):
+            raise StreamlensError(f"path must be 'auto', 'prefix' or 'naive', got {path!r}")
+        if mean_over not in ("position", "all"):
+            raise StreamlensError(f"mean_over must be 'position' or 'all', got {mean_over!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise StreamlensError(f"batch_size must be a positive int, got {batch_size!r}")
+        docs = _documents(data, field)
+        self.n_docs = len(docs)
+        self.topk, self.mean_over, self.progress = topk, mean_over, progress
+        self.boot = M.resample_indices(self.n_docs, n_boot, seed)
+        self._means: dict | None = None
+        self.path, self.path_reason = ("naive", "path='naive' was asked for") if path == "naive" else ("prefix", "")
+        self.batches: list[tuple[int, _Clean]] = []
+        lo = 0
+        self._bi = torch.zeros(self.model.arch.n_layers, self.n_docs, dtype=torch.float64)
+        self._count = torch.zeros(self.n_docs, 2, dtype=torch.float64)
+        for lo in range(0, self.n_docs, batch_size):
+            batch = encode(self.model, docs[lo: lo + batch_size], max_tokens=max_tokens)
+            sel = batch.mask & _position_mask(positions, lo, batch, self.n_docs)
+            self.batches.append((lo, self._clean(batch, sel, lo)))
+        if self._count[:, 0].sum() == 0:
+            raise StreamlensError(f"no positions to measure: the {self.n_docs} documents have no selected non-padding positions")
+        if path != "naive":
+            reason = self._check_prefix()
+            if reason:
+                if path == "prefix":
+                    raise StreamlensError(f"prefix reuse does not reproduce this model: {reason}")
+                self.path, self.path_reason = "naive", reason
+                for _, c in self.batches:
+                    c.resid = c.calls = None
+
+    # ----------------------------------------------------------------------- clean pass
+    def _clean(self, batch: Batch, sel: Tensor, lo: int) -> _Clean:
+        m, L = self.model, self.model.arch.n_layers
+        dev = m.device
+        resid: list[Tensor | None] = [None] * (L + 1)
+        calls: list[tuple | None] = [None] * L
+        handles = []
+
+        def pre(j):
+            def f(module, args, kwargs):
+                x = args[0] if args else kwargs.get("hidden_states")
+                resid[j] = x.detach()
+                calls[j] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"} if args
+                            else None)
+            return f
+
+        try:
+            for j in range(L):
+                handles.append(m.bridge.blocks[j].register_forward_pre_hook(pre(j), with_kwargs=True))
+            last = hooks.block_point(m.bridge, L - 1, "block", "out")
+            with torch.no_grad(), hooks.attached([(last, lambda t: resid.__setitem__(L, t.detach()))]):
+                logits = m.run(batch.input_ids, batch.mask)
+        finally:
+            for h in handles:
+                h.remove()
+        sel = sel.to(dev)
+        b_idx, p_idx = sel.nonzero(as_tuple=True)
+        lengths = batch.lengths.to(dev)
+        causal = m.arch.causal
+        has_target = (p_idx + 1 < lengths[b_idx]) if causal else torch.ones_like(p_idx, dtype=torch.bool)
+        ids = batch.input_ids.to(dev)
+        tpos = (p_idx + 1).clamp_max(ids.shape[1] - 1) if causal else p_idx
+        target = torch.where(has_target, ids[b_idx, tpos], torch.zeros_like(p_idx))
+        doc = b_idx + lo
+        lg = logits[sel].float()
+        k = min(self.topk, lg.shape[-1])
+        self._count[:, 0].index_add_(0, doc.cpu(), torch.ones(len(doc), dtype=torch.float64))
+        self._count[:, 1].index_add_(0, doc.cpu(), has_target.cpu().double())
+        for j in range(L):
+            nxt = resid[j + 1]
+            bi = M.block_influence(resid[j][sel], nxt[sel])
+            self._bi[j].index_add_(0, doc.cpu(), bi.cpu().double())
+        ok = all(r is not None for r in resid) and all(c is not None and c[1] is not None for c in calls)
+        return _Clean(batch, sel, doc, has_target, target, torch.log_softmax(lg, -1), lg.argmax(-1), lg.topk(k, -1).indices,
+                      resid[L][sel].float(), resid if ok else None, calls if ok else None)
+
+    def _check_prefix(self) -> str:
+        c = self.batches[0][1]
+        if c.resid is None:
+            return "the bridge's blocks were not called with the residual stream as their first argument"
+        if getattr(self.model.bridge, "ln_final", None) is None or getattr(self.model.bridge, "unembed", None) is None:
+            return "the model has no ln_final/unembed components to finish the forward pass from the last block"
+        L = self.model.arch.n_layers
+        for start in sorted({0, L // 2, L}):
+            with torch.no_grad():
+                lg = self._tail(c, ablate.combine([]), "skip", start)[0]
+            want = c.logp.exp()
+            got = torch.softmax(lg, -1)
+            err = float((got - want).abs().max())
+            if not err <= 1e-4:
+                return (f"replaying blocks {start}..{L - 1} + final norm + unembedding from the cached resid_pre[{start}] "
+                        f"gave next-token probabilities {err:.1e} away from the model's own forward (a logit soft-cap or "
+                        "an LM head beyond the unembedding?); using one full forward per unit")
+        return ""
+
+    # ----------------------------------------------------------------------- one removal
+    def _tail(self, c: _Clean, unit: Unit, mode: str, start: int | None = None) -> tuple[Tensor, Tensor]:
+        """Logits ``(n, vocab)`` and final residual ``(n, d)`` at the selected rows, from cached ``resid_pre``."""
+        m, L = self.model, self.model.arch.n_layers
+        start = unit.first_layer if start is None and unit.atoms else (L if start is None else start)
+        skipped = {a.layer for a in unit.atoms if a.kind == "block"} if mode == "skip" else set()
+        p = c.batch.input_ids.shape[1]
+        x = c.resid[start]
+        with hooks.attached(ablate.intervention_hooks(m, unit, mode, self._means, p, skip_blocks=False)):
+            for j in range(start, L):
+                if j in skipped:
+                    continue
+                args, kwargs = c.calls[j]
+                out = m.bridge.blocks[j](x, *args, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            xs = x[c.sel]
+            logits = m.bridge.unembed(m.bridge.ln_final(xs))
+        return logits.float(), xs.float()
+
+    def _full(self, c: _Clean, unit: Unit, mode: str) -> tuple[Tensor, Tensor]:
+        """The same from one full forward with the removal hooked in (the naive path)."""
+        m, L = self.model, self.model.arch.n_layers
+        got: dict[str, Tensor] = {}
+        p = c.batch.input_ids.shape[1]
+        hks = ablate.intervention_hooks(m, unit, mode, self._means, p, skip_blocks=True)
+        hks.append((hooks.block_point(m.bridge, L - 1, "block", "out"), lambda t: got.__setitem__("x", t)))
+        with hooks.attached(hks):
+            logits = m.run(c.batch.input_ids, c.batch.mask)
+        return logits[c.sel].float(), got["x"][c.sel].float()
+
+    def doc_sums(self, unit, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+                 path: str | None = None) -> dict[str, Tensor]:
+        """Per-document sums ``(docs,)`` of each metric for ``unit`` removed (see :meth:`evaluate`)."""
+        self.model.require_eval()
+        unit = unit if isinstance(unit, Unit) else ablate.combine([ablate.parse_unit(self.model, u) for u in
+                                                                   (unit if isinstance(unit, list) else [unit])])
+        ablate.check_mode(mode, unit)
+        names = _metric_names(metrics)
+        if mode == "mean" and self._means is None:
+            self._means = self._compute_means()
+        path = path or self.path
+        if path == "prefix" and self.path != "prefix":
+            raise StreamlensError(f"prefix reuse is not available for this model: {self.path_reason}")
+        sums = {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names}
+        with torch.no_grad():
+            for _, c in self.batches:
+                lg, fin = self._tail(c, unit, mode) if path == "prefix" else self._full(c, unit, mode)
+                vals = _row_metrics(c, lg, fin, names, self.topk)
+                doc = c.doc.cpu()
+                for k, v in vals.items():
+                    d = doc[c.has_target.cpu()] if k == "delta_ce" else doc
+                    sums[k].index_add_(0, d, v.cpu().double())
+        return sums
+
+    def evaluate(self, unit, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+                 path: str | None = None) -> dict[str, float]:
+        """Metrics (mean over selected positions) and ``*_lo``/``*_hi`` bootstrap bounds for one unit or a set.
+
+        ``unit``: a label (``"block.3"``, ``"head.1.2"``, ``"span.2:5"``), a tuple, or a list of them removed
+        together; ``[]`` removes nothing (every metric then equals its clean value: ``kl = 0``, ``top1 = 1``).
+        """
+        sums = self.doc_sums(unit, mode, metrics, path)
+        row: dict[str, Any] = {}
+        for k, s in sums.items():
+            cnt = self._count[:, 1 if k == "delta_ce" else 0]
+            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = M.ratio_bootstrap(s, cnt, self.boot)
+        row["n_positions"] = int(self._count[:, 0].sum())
+        return row
+
+    def block_influence(self) -> list[float]:
+        """Each block's mean ``1 - cos(resid_pre, resid_post)`` over the selected positions (clean pass)."""
+        total = self._count[:, 0].sum()
+        return [float(self._bi[j].sum() / total) for j in range(self.model.arch.n_layers)]
+
+    def _compute_means(self) -> dict:
+        return ablate.mean_writes(self.model, [c.batch for _, c in self.batches], self.mean_over)
+
+    # ----------------------------------------------------------------------- sweeps
+    def sweep(self, unit="block", *, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+              width: int | Sequence[int] | None = None, out: str | Path | None = None, resume: bool = False,
+              callback: Callable[[dict], None] | None = None) -> SkipSweep:
+        """Every single unit of a kind (``"block"``, ``"attn"``, ``"mlp"``, ``"head"``), every span of
+        ``width`` (an int or several) blocks, or one explicit set (a list of units removed together).
+
+        ``out``: a ``.jsonl`` or ``.csv`` file each finished row is appended to; ``resume=True`` reads it
+        and computes only the missing units. ``callback(row)`` is called after each new row.
+        """
+        from streamlens.skip_io import run_rows
+
+        names = _metric_names(metrics)
+        if isinstance(unit, str) and unit in ablate.KINDS:
+            if unit == "span":
+                if width is None:
+                    raise StreamlensError("unit='span' needs width=k (or a list of widths)")
+                widths = [width] if isinstance(width, int) else list(width)
+                units = [u for w in widths for u in ablate.all_units(self.model, "span", w)]
+            else:
+                units = ablate.all_units(self.model, unit)
+            kind = unit
+        else:
+            specs = unit if isinstance(unit, list) else [unit]
+            units = [ablate.combine([ablate.parse_unit(self.model, u) for u in specs])]
+            kind = "set"
+        for u in units:
+            ablate.check_mode(mode, u)
+        rows = run_rows(self, units, mode, names, out=out, resume=resume, callback=callback, desc=f"skip {kind}")
+        table = pd.DataFrame(rows)
+        spearman = {}
+        if kind == "block":
+            table.insert(len(table.columns) - 1, "block_influence", self.block_influence())
+            spearman = {k: M.spearman(table["block_influence"], table[k]) for k in names}
+        table = table.dropna(axis=1, how="all")
+        return SkipSweep(kind, mode, tuple(names), table, self.model.name, self.n_docs, self.path,
+                         self.path_reason, spearman)
+
+    def prune(self, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
+              metrics: Sequence[str] = ("kl", "ce", "top1")) -> SkipSweep:
+        """Greedy pruning curve: ``count`` times, remove the unit whose removal (with those already removed)
+        hurts least by ``by``; one row per step (step 0 removes nothing)."""
+        from streamlens.skip_io import prune_rows
+
+        names = _metric_names(metrics)
+        by = METRICS.get(by, by)
+        if by not in names:
+            raise StreamlensError(f"by={by!r} must be one of the metrics computed: {names}")
+        if unit not in ("block", "attn", "mlp", "head"):
+            raise StreamlensError(f"pruning removes single units: unit must be block/attn/mlp/head, got {unit!r}")
+        pool = ablate.all_units(self.model, unit)
+        if not isinstance(count, int) or not 1 <= count <= len(pool):
+            raise StreamlensError(f"count={count!r} must be between 1 and the {len(pool)} {unit} units of the model")
+        rows = prune_rows(self, pool, count, mode, names, by, HIGHER_IS_WORSE[by])
+        return SkipSweep("prune", mode, tuple(names), pd.DataFrame(rows), self.model.name, self.n_docs, self.path,
+                         self.path_reason)
+
+
+def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+               width=None, prune: int | None = None, out=None, resume: bool = False, callback=None,
+               **evaluator_kwargs) -> SkipSweep:
+    """Remove each unit in turn (or greedily prune ``prune`` units) and measure the damage; see
+    :class:`LayerSkipEvaluator` for the data options (``max_tokens``, ``batch_size``, ``positions``, ...)."""
+    ev = LayerSkipEvaluator(model, data, **evaluator_kwargs)
+    if prune is not None:
+        return ev.prune(prune, unit=unit, mode=mode, metrics=metrics)
+    return ev.sweep(unit, mode=mode, metrics=metrics, width=width, out=out, resume=resume, callback=callback)
+
+
+# --------------------------------------------------------------------------- helpers
+def _metric_names(metrics) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = []
+    for k in metrics:
+        if k not in METRICS:
+            raise StreamlensError(f"unknown metric {k!r}; choose from {sorted(set(METRICS) - {'delta_ce'})}")
+        if METRICS[k] not in names:
+            names.append(METRICS[k])
+    if not names:
+        raise StreamlensError("metrics is empty: choose at least one of kl, ce, top1, topk, angle")
+    return names
+
+
+def _row_metrics(c: _Clean, lg: Tensor, fin: Tensor, names, k: int) -> dict[str, Tensor]:
+    out = {}
+    logq = torch.log_softmax(lg, -1) if ("kl" in names or "delta_ce" in names) else None
+    if "kl" in names:
+        out["kl"] = M.kl(c.logp, logq)
+    if "delta_ce" in names:
+        t = c.has_target
+        out["delta_ce"] = M.delta_ce(c.logp[t], logq[t], c.target[t])
+    if "top1" in names:
+        out["top1"] = (lg.argmax(-1) == c.top1).float()
+    if "topk" in names:
+        kk = c.top.shape[1]
+        other = lg.topk(kk, -1).indices
+        out["topk"] = (c.top[:, :, None] == other[:, None, :]).any(-1).float().mean(-1)
+    if "angle" in names:
+        out["angle"] = M.angle(c.final, fin)
+    return out
+
+
+def _documents(data, field: str):
+    if isinstance(data, Tensor):
+        if data.dim() != 2 or data.shape[0] == 0:
+            raise StreamlensError(f"token data must be a non-empty (docs, pos) tensor, got shape {tuple(data.shape)}")
+        return [row.tolist() for row in data]
+    if isinstance(data, list) and data and all(isinstance(d, (list, tuple)) for d in data):
+        return [list(d) for d in data]
+    return load_texts(data, field=field)
+
+
+def _position_mask(positions, lo: int, batch: Batch, n_docs: int) -> Tensor:
+    b, p = batch.input_ids.shape
+    if positions is None:
+        return torch.ones(b, p, dtype=torch.bool)
+    if isinstance(positions, slice):
+        m = torch.zeros(b, p, dtype=torch.bool)
+        m[:, positions] = True
+        return m
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.dim() == 2:
+        if positions.shape[0] != n_docs:
+            raise StreamlensError(f"positions mask has {positions.shape[0]} rows for {n_docs} documents")
+        m = torch.zeros(b, p, dtype=torch.bool)
+        w = min(p, positions.shape[1])
+        m[:, :w] = positions[lo: lo + b, :w]
+        return m
+    raise StreamlensError(f"positions must be None, a slice or a boolean (docs, pos) tensor, got {type(positions).__name__}")
