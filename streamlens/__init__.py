@@ -10,13 +10,17 @@
 from streamlens.capture import LayerStack, ResidualTrace, TraceStats, trace, trace_stats
 from streamlens.data import load_texts
 from streamlens.decompose import LogitDecomposition, decompose
+from streamlens.dynamics import Dynamics, dynamics
 from streamlens.errors import StreamlensError, UnsupportedModelError
+from streamlens.gradients import GradientSplit, gradient_split
 from streamlens.lens import LogitLens, logit_lens
 from streamlens.model import Architecture, Model, load
 from streamlens.skip import LayerSkipEvaluator, SkipSweep, skip_sweep
 
 __all__ = [
     "Architecture",
+    "Dynamics",
+    "GradientSplit",
     "LayerSkipEvaluator",
     "LayerStack",
     "LogitDecomposition",
@@ -28,6 +32,8 @@ __all__ = [
     "TraceStats",
     "UnsupportedModelError",
     "decompose",
+    "dynamics",
+    "gradient_split",
     "load",
     "load_texts",
     "logit_lens",
