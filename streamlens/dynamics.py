@@ -6,8 +6,10 @@ so the gradient keeps an unattenuated identity term); a randomly initialised net
 the identity; the stream preserves what the embedding put into it; and without the skip connections
 the gradient reaching early layers collapses. :func:`dynamics` measures each of them per layer over
 a data set, for the model as it is (``"trained"``), a freshly initialised copy (``"init"``,
-``compare_init=True``) and the model with skip connections removed (``"dropped"``,
-``drop_residual=[...]``); :meth:`Dynamics.claims` turns the table into verdicts.
+``compare_init=True``), the model with skip connections removed (``"dropped"``,
+``drop_residual=[...]``) and, with both options, the fresh copy with them removed
+(``"init_dropped"``, the setting of the training-time claim); :meth:`Dynamics.claims` turns the
+table into verdicts.
 
 Forward statistics per layer ``l``, averaged over real (non-padding) positions:
 
@@ -51,7 +53,7 @@ from streamlens.errors import StreamlensError
 from streamlens.inputs import encode, select_positions
 from streamlens.model import Model, as_model, load
 
-VARIANTS = ("trained", "init", "dropped")
+VARIANTS = ("trained", "init", "dropped", "init_dropped")
 
 #: Thresholds behind each verdict of :meth:`Dynamics.claims` (stated there with the claim).
 SMALL_UPDATE = 0.5      # median block_rel_update below this: "each layer is a small refinement"
@@ -70,12 +72,11 @@ class _Sums:
         self.counts: dict[int, int] = {}
         self.maxima: dict[int, dict[str, float]] = {}
 
-    def add(self, layer: int, stats: Mapping[str, Tensor], mask: Tensor, count: bool = True) -> None:
+    def add(self, layer: int, stats: Mapping[str, Tensor], mask: Tensor) -> None:
         into = self.sums.setdefault(layer, {})
         for k, v in stats.items():
             into[k] = into.get(k, 0.0) + float(v[mask.to(v.device)].double().sum())
-        if count:
-            self.counts[layer] = self.counts.get(layer, 0) + int(mask.sum())
+        self.counts[layer] = self.counts.get(layer, 0) + int(mask.sum())
 
     def maximum(self, layer: int, name: str, value: float) -> None:
         into = self.maxima.setdefault(layer, {})
@@ -156,8 +157,8 @@ class Dynamics:
     """Per-layer forward and gradient statistics of the residual stream, for one or more model variants.
 
     ``table`` has one row per ``(variant, layer)``; ``variant`` is ``"trained"`` (the model as given),
-    ``"init"`` (a fresh random initialisation of its architecture) or ``"dropped"`` (skip connections
-    removed at ``dropped_layers``). See :mod:`streamlens.dynamics` for the columns.
+    ``"init"`` (a fresh random initialisation of its architecture), ``"dropped"`` (skip connections
+    removed at ``dropped_layers``) or ``"init_dropped"`` (the fresh initialisation with them removed). See :mod:`streamlens.dynamics` for the columns.
     """
 
     model_name: str
@@ -216,11 +217,15 @@ class Dynamics:
             float(t["cos_embed"].iloc[-1]), f"> {PRESERVED}", lambda v: v > PRESERVED)
         row("the stream grows with depth", "mean‖resid_post_last‖ / mean‖resid_pre_0‖",
             float(t["resid_norm_growth"].iloc[-1]), "> 1", lambda v: v > 1)
-        collapse = None
-        if grads and "dropped" in self.variants:
-            collapse = float(self.variant("dropped")["grad_full_norm"].iloc[0] / t["grad_full_norm"].iloc[0])
-        row(f"without skip connections (dropped at {list(self.dropped_layers)}) the gradient to layer 0 collapses",
-            "dropped / trained ‖∂L/∂resid_pre_0‖", collapse, f"< {COLLAPSED}", lambda v: v < COLLAPSED)
+        for base, dropped, when in (("trained", "dropped", "in the model as given"),
+                                    ("init", "init_dropped", "at initialisation")):
+            collapse = None
+            if grads and dropped in self.variants:
+                collapse = float(self.variant(dropped)["grad_full_norm"].iloc[0]
+                                 / self.variant(base)["grad_full_norm"].iloc[0])
+            row(f"without skip connections (removed at {list(self.dropped_layers)}) the gradient to layer 0 "
+                f"collapses, {when}", f"{dropped} / {base} ‖∂L/∂resid_pre_0‖", collapse, f"< {COLLAPSED}",
+                lambda v: v < COLLAPSED)
         return pd.DataFrame(rows)
 
     def plot(self):
@@ -270,7 +275,8 @@ def dynamics(
         gradients: also split each layer's input gradient into identity and sub-layer paths
             (refused for post-norm models, whose skip passes through the norm).
         compare_init: add the ``"init"`` variant: a fresh seeded initialisation (``init_seed``).
-        drop_residual: add the ``"dropped"`` variant: the model with ``x + f(x) → f(x)`` at these layers.
+        drop_residual: add the ``"dropped"`` variant: the model with ``x + f(x) → f(x)`` at these layers
+            (and, with ``compare_init``, ``"init_dropped"``: the fresh initialisation with them removed).
         progress: show a progress bar.
 
     Returns:
@@ -293,6 +299,8 @@ def dynamics(
         runs.append(("init", init_copy(model, seed=init_seed), ()))
     if drop:
         runs.append(("dropped", model, drop))
+        if compare_init:
+            runs.append(("init_dropped", runs[1][1], drop))
     frames = []
     bar = tqdm(total=len(texts) * len(runs) * (2 if gradients else 1), desc="dynamics", unit="doc", disable=not progress)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-_DASH = {"trained": "solid", "init": "dot", "dropped": "dash"}
+_DASH = {"trained": "solid", "init": "dot", "dropped": "dash", "init_dropped": "dashdot"}
 _PANELS = (
     ("relative update ‖resid_post − resid_pre‖/‖resid_pre‖", ("block_rel_update", "attn_rel_update", "mlp_rel_update"), False),
     ("gradient norm at resid_pre (log)", ("grad_full_norm", "grad_identity_norm", "grad_sublayer_norm"), True),
@@ -17,7 +17,7 @@ def dynamics_figure(table: pd.DataFrame, *, title: str):
     """Four panels of per-layer lines: update sizes, gradient norms through each path, cosines, stream growth.
 
     One line per statistic and variant; the variant sets the dash (trained solid, init dotted,
-    dropped dashed), the statistic the colour.
+    dropped dashed, init_dropped dash-dotted), the statistic the colour.
     """
     import plotly.express as px
     import plotly.graph_objects as go

@@ -196,7 +196,8 @@ def test_result_save_plot_html_and_file(tiny_models, tmp_path):
     data.write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS))
     d = dynamics_file(m, data, out=tmp_path / "d.json", compare_init=True, drop_residual=[1], progress=False)
     saved = json.loads((tmp_path / "d.json").read_text())
-    assert len(saved["layers"]) == 3 * m.arch.n_layers and saved["dropped_layers"] == [1]
+    assert len(saved["layers"]) == 4 * m.arch.n_layers and saved["dropped_layers"] == [1]
+    assert d.variants == ("trained", "init", "dropped", "init_dropped")
     assert [c["claim"] for c in saved["claims"]] == d.claims()["claim"].tolist()
     back = pd.read_csv(d.save(tmp_path / "d.csv"))
     torch.testing.assert_close(torch.tensor(back["grad_full_norm"].values), torch.tensor(d.table["grad_full_norm"].values))
