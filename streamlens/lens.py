@@ -143,8 +143,9 @@ def _lens_batch(model: Model, batch, pos_idx, target_ids, k: int, chunk_size: in
         both_i = torch.cat([top_i, torch.arange(sl.start, sl.stop, device=xs.device).expand_as(lg)], -1)
         top_v, j = both_v.topk(min(k, both_v.shape[-1]), dim=-1)
         top_i = both_i.gather(-1, j)
-        if target_ids is not None:
-            above += (lg > t_logit[..., None]).sum(-1)
+        if target_ids is not None:  # strictly larger logits, the target's own column excluded
+            other = torch.arange(sl.start, sl.stop, device=xs.device) != t[..., None]  # (b, s, chunk)
+            above += ((lg > t_logit[..., None]) & other).sum(-1)
     neg_entropy = (logp_model.exp() * logp_model).sum(-1)  # Σ p log p
     kl = (neg_entropy - cross + lse).clamp_min(0.0)
     out = dict(points=[q[:2] for q in pts], top_ids=top_i.cpu(), top_probs=(top_v - lse[..., None]).exp().cpu(), kl=kl.cpu())
