@@ -115,9 +115,12 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 def _cmd_lens(args: argparse.Namespace) -> int:
     from streamlens import demo
 
+    lens_fn = _verb("logit_lens")
     model = _load(args)
-    df = demo.lens_table(_verb("logit_lens"), model, args.prompt, top_k=args.top_k)
-    _emit(df, args.format, args.out)
+    positions = None if args.all_positions else [args.position]
+    lens = lens_fn(model, args.prompt, target=args.target, positions=positions, k=args.top_k, batch_size=args.batch_size,
+                   progress=False)
+    _emit(demo.lens_table(lens, points=args.points), args.format, args.out)
     return 0
 
 
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "lens", "logit lens: the top tokens read out of the stream after every layer",
              'streamlens lens smollm2-135m --prompt "The capital of France is"', _cmd_lens)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--target", help="a token: also report its rank and probability after every layer")
+    p.add_argument("--position", type=int, default=-1, help="position to read (default -1, the last token)")
+    p.add_argument("--all-positions", action="store_true", help="read every position")
+    p.add_argument("--points", choices=("resid_post", "resid_mid", "resid_pre", "all"), default="resid_post")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--out", help="write the table (.csv or .json)")

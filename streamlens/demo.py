@@ -34,6 +34,7 @@ from streamlens.errors import StreamlensError
 
 CLOSURE_TOL = 1e-4
 DECOMPOSE_TOL = 1e-4
+LENS_KL_CLOSE = 0.5  # nats: "the lens already reads nearly the final distribution"
 
 
 def demo_corpus(n_docs: int = 8, *, min_chars: int = 300) -> list[str]:
@@ -216,43 +217,76 @@ def _bars_with_ci(per: pd.DataFrame):
                          y_title="logit contribution")
 
 
+def lens_table(lens, *, points: str = "resid_post") -> pd.DataFrame:
+    """A compact logit-lens table: one row per ``points`` reading (``"all"`` for every point) and position."""
+    df = lens.to_dataframe()
+    if points != "all":
+        df = df[df["kind"] == points]
+    cols = ["point", "layer", "prompt", "position", "token", "top_tokens", "top_prob", "kl"]
+    cols += [c for c in ("target", "target_prob", "target_rank") if c in df]
+    out = df[cols].copy()
+    out["top_tokens"] = [" | ".join(repr(t) for t in ts) for ts in out["top_tokens"]]
+    return out.reset_index(drop=True)
+
+
 def _section_lens(run: _Run, prompts: list[str]) -> None:
-    lens = _verb("logit_lens")
+    lens_fn = _verb("logit_lens")
     title = "Logit lens"
-    if lens is None:
+    if lens_fn is None:
         run.gap(title, "streamlens.logit_lens is not available in this installation")
         return
-    df = lens_table(lens, run.model, prompts[0])
-    run.csv("logit_lens", df)
-    run.html.table(f"{title}: {prompts[0]!r}", df)
+    lens = lens_fn(run.model, prompts[0], k=3, progress=False)  # every position of the first prompt
+    full = lens.to_dataframe()
+    run.csv("logit_lens", full.drop(columns=["top_tokens", "top_probs"]))
+    run.html.figure(f"{title}: {prompts[0]!r}", lens.plot())
+    last = lens_table(lens)
+    last = last[last["position"] == last["position"].max()]
+    run.html.table(f"{title} at the last position: top-3 tokens read out of resid_post", last)
+    first = last[last["kl"] <= LENS_KL_CLOSE]
+    run.stat("lens", f"first layer with KL(model || lens) <= {LENS_KL_CLOSE}",
+             int(first["layer"].min()) if len(first) else "none")
+    run.stat("lens", "final top token", str(full.iloc[-1]["top_token"]))
 
 
 def _section_sweep(run: _Run, texts: list[str], *, unit: str, batch_size: int, max_tokens: int) -> None:
     sweep = _verb("skip_sweep")
-    title = f"Skip sweep ({unit})"
+    title = f"Skip sweep: each {unit} removed in turn"
     if sweep is None:
         run.gap(title, "streamlens.skip_sweep is not available in this installation")
         return
     res = sweep(run.model, texts, unit=unit, metrics=("kl", "ce", "top1"), batch_size=batch_size,
-                max_tokens=max_tokens, progress=run.progress)
+                max_tokens=max_tokens, progress=run.progress, out=run.out_dir / "skip_sweep.jsonl")
     df = res.to_dataframe()
     run.csv("skip_sweep", df)
-    run.html.figure(title, res.plot())
+    run.html.section(title)
+    for metric, label in (("kl", "KL(clean ‖ skipped), nats"), ("delta_ce", "Δ cross-entropy, nats")):
+        run.html.figure(None, rp.interval_chart(df, x="layer", y=metric, lo=f"{metric}_lo", hi=f"{metric}_hi",
+                                                title=f"{label} when the {unit} is removed (95% bootstrap interval "
+                                                      f"over {len(texts)} documents)", y_title=label))
     run.html.table(None, df)
-    for q, v in sweep_headlines(df).items():
-        run.stat("sweep", q, v)
+    worst, mild = df.loc[df["kl"].idxmax()], df.loc[df["kl"].idxmin()]
+    run.stat("sweep", f"most damaging {unit}", f"{worst['unit']} (KL {worst['kl']:.3g})")
+    run.stat("sweep", f"least damaging {unit}", f"{mild['unit']} (KL {mild['kl']:.3g})")
+    run.stat("sweep", "median KL of one removal", float(df["kl"].median()))
+    run.stat("sweep", "median top-1 agreement", float(df["top1"].median()))
 
 
-def _section_dynamics(run: _Run, texts: list[str], *, batch_size: int, max_tokens: int) -> None:
+def _section_dynamics(run: _Run, texts: list[str], *, batch_size: int, max_tokens: int, gradients: bool) -> None:
     dyn = _verb("dynamics")
-    title = "Dynamics of the stream"
+    title = "Dynamics of the stream through depth"
     if dyn is None:
         run.gap(title, "streamlens.dynamics is not available in this installation")
         return
-    res = dyn(run.model, texts, batch_size=batch_size, max_tokens=max_tokens, progress=run.progress)
+    res = dyn(run.model, texts, batch_size=batch_size, max_tokens=max_tokens, progress=run.progress, gradients=gradients)
     df = res.to_dataframe()
     run.csv("dynamics", df)
     run.html.figure(title, res.plot())
+    claims = res.claims()
+    claims = claims[claims["supported"].notna()]
+    run.csv("dynamics_claims", claims)
+    run.html.table("Claims about the residual stream, checked on this model", claims)
+    for r in claims.itertuples():
+        run.stat("dynamics", r.claim, f"{r.value:.3g} ({r.threshold}): {'yes' if r.supported else 'no'}")
 
 
 # ---------------------------------------------------------------------------- pipelines
@@ -267,7 +301,7 @@ def _prompts_from(model, texts: Sequence[str], n: int, n_tokens: int) -> list[st
 
 def build_report(model, texts: Sequence[str], out: str | Path, *, title: str | None = None,
                  prompts: Sequence[str] | None = None, n_prompts: int = 4, prompt_tokens: int = 16,
-                 unit: str = "block", batch_size: int = 8, max_tokens: int = 64,
+                 unit: str = "block", batch_size: int = 8, max_tokens: int = 64, gradients: bool = True,
                  progress: bool = True) -> DemoResult:
     """Write the per-layer report for ``model`` over ``texts`` to the HTML file ``out`` (CSV next to it).
 
@@ -293,7 +327,7 @@ def build_report(model, texts: Sequence[str], out: str | Path, *, title: str | N
     _section_trace(run, prompts, texts, batch_size=batch_size, max_tokens=max_tokens)
     _section_lens(run, prompts)
     _section_sweep(run, texts, unit=unit, batch_size=batch_size, max_tokens=max_tokens)
-    _section_dynamics(run, texts, batch_size=batch_size, max_tokens=max_tokens)
+    _section_dynamics(run, texts, batch_size=batch_size, max_tokens=max_tokens, gradients=gradients)
     summary = pd.DataFrame(run.rows)
     run.files.append(rp.write_json({"model": model.name, "arch": model.arch.to_dict(), "prompts": prompts,
                                     "summary": summary, "missing": run.missing},
@@ -304,7 +338,8 @@ def build_report(model, texts: Sequence[str], out: str | Path, *, title: str | N
 
 def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo", *, n_docs: int = 8,
              max_tokens: int = 64, n_prompts: int = 4, unit: str = "block", batch_size: int = 8,
-             device: str | None = None, dtype: str | None = None, progress: bool = True) -> DemoResult:
+             gradients: bool = True, device: str | None = None, dtype: str | None = None,
+             progress: bool = True) -> DemoResult:
     """The README's main command: load ``model``, analyse the built-in corpus, write ``out_dir/report.html``.
 
     Args:
@@ -314,6 +349,7 @@ def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo
         max_tokens: tokens kept per passage.
         n_prompts: prompts (passage openings) whose next-token predictions are decomposed.
         unit: what the skip sweep removes (``"block"``, ``"attn"``, ``"mlp"``, ...).
+        gradients: also measure the gradient split in the dynamics section (one backward pass per batch).
     """
     import streamlens as sl
 
@@ -322,6 +358,6 @@ def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo
     texts = demo_corpus(n_docs)
     res = build_report(m, texts, Path(out_dir) / "report.html", title=f"streamlens demo: {m.name}",
                        n_prompts=n_prompts, unit=unit, batch_size=batch_size, max_tokens=max_tokens,
-                       progress=progress)
+                       gradients=gradients, progress=progress)
     res.wall_s = time.perf_counter() - t0
     return res
