@@ -254,8 +254,11 @@ def _section_sweep(run: _Run, texts: list[str], *, unit: str, batch_size: int, m
     if sweep is None:
         run.gap(title, "streamlens.skip_sweep is not available in this installation")
         return
+    rows = run.out_dir / "skip_sweep.jsonl"  # written row by row as the sweep runs
+    rows.unlink(missing_ok=True)  # a new run replaces the folder's previous results
     res = sweep(run.model, texts, unit=unit, metrics=("kl", "ce", "top1"), batch_size=batch_size,
-                max_tokens=max_tokens, progress=run.progress, out=run.out_dir / "skip_sweep.jsonl")
+                max_tokens=max_tokens, progress=run.progress, out=rows)
+    run.files.append(rows)
     df = res.to_dataframe()
     run.csv("skip_sweep", df)
     run.html.section(title)

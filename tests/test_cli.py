@@ -133,3 +133,57 @@ def test_empty_data_file_exits_1(tiny_dirs, tmp_path, capsys, cmd):
 def test_parser_covers_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
+
+
+@needs("skip_sweep")
+def test_sweep_writes_rows_and_resumes_an_interrupted_run(tiny_dirs, tmp_path, capsys):
+    from streamlens.demo import demo_corpus
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(demo_corpus(3)))
+    folder = str(tiny_dirs("gpt2"))
+    argv = ["sweep", folder, "--data", str(data), "--unit", "attn", "--max-tokens", "16"]
+    full = tmp_path / "full.jsonl"
+    assert main(argv + ["--out", str(full)]) == 0
+    table = capsys.readouterr().out
+    assert "attn.0" in table and "attn.1" in table and "kl" in table
+    rows = [json.loads(l) for l in full.read_text().splitlines() if l.strip()]
+    assert [r["unit"] for r in rows] == ["attn.0", "attn.1"]
+    # an interrupted run: only the first row made it to disk
+    part = tmp_path / "part.jsonl"
+    part.write_text(full.read_text().splitlines()[0] + "\n")
+    assert main(argv + ["--out", str(part)]) == 1  # refuses to overwrite without --resume
+    assert "resume" in capsys.readouterr().err
+    assert main(argv + ["--out", str(part), "--resume"]) == 0
+    resumed = [json.loads(l) for l in part.read_text().splitlines() if l.strip()]
+    assert [r["unit"] for r in resumed] == ["attn.0", "attn.1"]
+    for a, b in zip(rows, resumed):
+        assert abs(a["kl"] - b["kl"]) <= 1e-9 and abs(a["delta_ce"] - b["delta_ce"]) <= 1e-9
+
+
+@needs("skip_sweep")
+def test_sweep_bad_metric_and_missing_file_exit_1(tiny_dirs, tmp_path, capsys):
+    folder = str(tiny_dirs("gpt2"))
+    assert main(["sweep", folder, "--data", str(tmp_path / "nope.txt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    data = tmp_path / "t.txt"
+    data.write_text("some text here\n")
+    assert main(["sweep", folder, "--data", str(data), "--metrics", "kl,bogus"]) == 1
+    assert "bogus" in capsys.readouterr().err
+
+
+@needs("logit_lens")
+def test_lens_json(tiny_dirs, capsys):
+    rows = run_json(capsys, ["lens", str(tiny_dirs("llama")), "--prompt", "Hello world", "--target", " the", "--format", "json"])
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(0 <= r["top_prob"] <= 1 and r["kl"] >= -1e-6 and "target_rank" in r for r in rows)
+    assert rows[-1]["kl"] <= 1e-3  # the last resid_post read through the lens is the model's own output
+
+
+@needs("dynamics")
+def test_dynamics_cli(tiny_dirs, tmp_path, capsys):
+    data = tmp_path / "t.txt"
+    data.write_text("The residual stream is a sum.\nEach layer adds an update to it.\n")
+    assert main(["dynamics", str(tiny_dirs("llama")), "--data", str(data), "--out", str(tmp_path / "d.csv")]) == 0
+    assert "block_rel_update" in capsys.readouterr().out
+    assert (tmp_path / "d.csv").exists()
