@@ -1,7 +1,7 @@
 """Benchmark: what an exact logit decomposition adds to the forward passes, and full-vocabulary memory.
 
-    python benchmarks/bench_decompose.py                      # GPT-2-small shape (12 layers, d_model 768, 50257 vocab)
-    python benchmarks/bench_decompose.py --layers 4 --d-model 256 --vocab 8192   # quicker
+    python benchmarks/bench_decompose.py        # 6 layers, d_model 384, GPT-2's 50257-token vocabulary (~1-2 min on 2 cores)
+    python benchmarks/bench_decompose.py --layers 12 --d-model 768 --heads 12   # GPT-2-small shape (~5 min on 2 busy cores)
 
 1. ``n`` prompts of ``tokens`` random tokens, one target token per prompt, batches of ``batch``:
    plain ``model.run`` over the batches vs ``streamlens.decompose`` (unit="layer", last position) over
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--chunk", type=int, default=4096, help="vocabulary rows per step for target='vocab'")
     ap.add_argument("--repeats", type=int, default=2)

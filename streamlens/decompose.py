@@ -43,49 +43,12 @@ from streamlens.capture import SUBLAYERS, _run_capture
 from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.inputs import Inputs, encode, select_positions
 from streamlens.model import Model, as_model
-from streamlens.targets import Target, readout, resolve
+from streamlens.targets import Target, prompt_batches, readout, require_unembed_path, resolve, vocab_chunks
 
 UNITS = ("layer", "head", "neuron")
 
 
-# ---------------------------------------------------------------------------- checks and batching
-def require_unembed_path(model: Model, verb: str) -> None:
-    """Refuse models whose logits are not ``unembed(ln_final(sum of writes))``."""
-    a = model.arch
-    if a.layout == "post":
-        raise UnsupportedModelError(
-            f"{verb}: {model.name} is post-norm (every block renormalises the residual), so its final residual is "
-            "not a sum of per-layer writes and no per-writer split of its logits is exact"
-        )
-    if model.final_norm is None or not a.final_reads_last_resid:
-        raise UnsupportedModelError(f"{verb}: {model.name}'s final norm does not read the last block's output directly")
-    if not a.logits_are_unembed:
-        raise UnsupportedModelError(
-            f"{verb}: {model.name}'s logits are not unembed(ln_final(x)) (e.g. soft-capped logits), so they are not "
-            "linear in the final norm's output"
-        )
-
-
-def prompt_batches(inputs: Inputs, batch_size: int) -> tuple[int, list]:
-    """``(n_prompts, chunks)`` of ``inputs`` (strings or token ids), ``batch_size`` prompts each."""
-    if batch_size < 1:
-        raise StreamlensError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, Tensor) and inputs.dim() == 1:
-        inputs = inputs[None]
-    n = len(inputs)
-    if n == 0:
-        raise StreamlensError("no inputs: got an empty list")
-    return n, [(i, inputs[i : i + batch_size]) for i in range(0, n, batch_size)]
-
-
-def vocab_chunks(d_vocab: int, chunk_size: int):
-    if chunk_size < 1:
-        raise StreamlensError(f"chunk_size must be at least 1, got {chunk_size}")
-    return [slice(i, min(i + chunk_size, d_vocab)) for i in range(0, d_vocab, chunk_size)]
-
-
+# ---------------------------------------------------------------------------- neurons
 def _down_proj(model: Model, layer: int) -> tuple[Tensor, Tensor, Any]:
     """``(W, b, hook)``: the MLP's down projection as an affine map ``out = act @ W + b`` measured on the module."""
     mlp = hooks.block_component(model.bridge, layer, "mlp")

@@ -26,11 +26,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from streamlens.capture import SUBLAYERS, _run_capture
-from streamlens.decompose import prompt_batches, require_unembed_path, vocab_chunks
 from streamlens.errors import StreamlensError
 from streamlens.inputs import Inputs, encode, select_positions
 from streamlens.model import Model, as_model
-from streamlens.targets import token_id
+from streamlens.targets import prompt_batches, require_unembed_path, token_id, vocab_chunks
 
 
 @dataclass(frozen=True, eq=False)
