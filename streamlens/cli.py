@@ -128,8 +128,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from streamlens import report as rp
 
     sweep = _verb("skip_sweep")
+    texts = _texts(args)  # a bad data file fails before the model loads
     model = _load(args)
-    texts = _texts(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     kw = dict(unit=args.unit, mode=args.mode, metrics=metrics, batch_size=args.batch_size, max_tokens=args.max_tokens,
               out=args.out, resume=args.resume, progress=True)
@@ -145,8 +145,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from streamlens import demo
 
+    texts = _texts(args)
     model = _load(args)
-    res = demo.build_report(model, _texts(args), args.out, prompts=args.prompt, unit=args.unit,
+    res = demo.build_report(model, texts, args.out, prompts=args.prompt, unit=args.unit,
                             batch_size=args.batch_size, max_tokens=args.max_tokens)
     _print_summary(res)
     return 0
@@ -174,8 +175,9 @@ def _print_summary(res) -> None:
 
 def _cmd_dynamics(args: argparse.Namespace) -> int:
     dyn = _verb("dynamics")
+    texts = _texts(args)
     model = _load(args)
-    res = dyn(model, _texts(args), batch_size=args.batch_size, max_tokens=args.max_tokens)
+    res = dyn(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens)
     _emit(res.to_dataframe(), args.format, args.out)
     return 0
 
