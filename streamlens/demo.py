@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from streamlens import report as rp
 from streamlens.errors import StreamlensError
