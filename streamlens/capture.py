@@ -149,6 +149,8 @@ def _run_capture(
         t = t.detach()
         if t.dim() == 2 and t.shape[0] == b * p:  # OPT flattens (batch, pos) before ln2
             t = t.reshape(b, p, t.shape[-1])
+        if t.shape[0] == 1 and b > 1:  # learned positional embeddings come out as (1, pos, d)
+            t = t.expand(b, *t.shape[1:])
         return t if all_positions else t[bidx, pidx]
 
     has_ln2 = hooks.block_component(bridge, 0, "ln2") is not None

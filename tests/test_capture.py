@@ -97,6 +97,19 @@ def test_memory_controls_give_the_same_numbers(tiny_models):
     torch.testing.assert_close(inner["resid_post", 0][:, 0], full["resid_post", 0][:, 0])
 
 
+def test_selected_positions_with_learned_positional_embeddings(tiny_models):
+    """GPT-2's pos_embed output is (1, pos, d): selecting positions in a batch must broadcast it."""
+    m = tiny_models("gpt2")
+    full = sl.trace(m, PROMPTS)
+    last = sl.trace(m, PROMPTS, positions="last")
+    lengths = full.mask.sum(1)
+    rows = torch.arange(len(PROMPTS))
+    for name in ("embed", "pos_embed", "final_out"):
+        want = full[name].expand(len(PROMPTS), *full[name].shape[1:])[rows, lengths - 1]
+        torch.testing.assert_close(last[name][:, 0], want)
+    assert last.closure_error() <= 1e-5
+
+
 def test_trace_stats_streams_to_the_same_table(tiny_models):
     m = tiny_models("gpt2")
     texts = PROMPTS * 3
