@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -162,8 +163,10 @@ def _section_trace(run: _Run, prompts: list[str], texts: list[str], *, batch_siz
                          for i, l in enumerate(tr.layers) for p, tok in enumerate(tr.str_tokens[0])])
     run.csv("block_update_heatmap", heat)
     run.html.figure("Layer × position: relative block update ‖resid_post − resid_pre‖ / ‖resid_pre‖",
-                    rp.layer_position_heatmap(z, x_labels=tr.str_tokens[0], y_labels=tr.layers,
-                                              title=f"prompt: {prompts[0]!r}", colorbar="rel. update"))
+                    rp.layer_position_heatmap([[math.log10(max(v, 1e-12)) for v in row] for row in z],
+                                              x_labels=tr.str_tokens[0], y_labels=tr.layers,
+                                              title=f"prompt: {prompts[0]!r} (log10 scale: the first token's "
+                                                    f"updates dwarf the rest)", colorbar="log10 rel. update"))
 
     stats = sl.trace_stats(model, texts, batch_size=batch_size, max_tokens=max_tokens, progress=run.progress)
     sdf = stats.to_dataframe()
