@@ -48,3 +48,11 @@ def smollm2():
 
 
 PROMPTS = ["The cat sat on the mat because it was", "Hello", "Python is a programming language"]
+
+
+@pytest.fixture(scope="session")
+def induction_model(tmp_path_factory):
+    """A 2-layer GPT-2 trained (seeded, ~10 s) to do induction on repeated random tokens."""
+    from streamlens.testing import train_induction_model
+
+    return sl.load(str(train_induction_model(tmp_path_factory.mktemp("induction") / "model")))
