@@ -155,20 +155,30 @@ def induction_accuracy(hf_model, *, half: int = 16, n: int = 128, seed: int = 12
     return float((pred == ids[:, half:]).float().mean())
 
 
-def induction_scores(model, *, half: int = 16, n: int = 32, seed: int = 999) -> torch.Tensor:
-    """``(n_layers, n_heads)``: mean attention from each repeated-half token to the token after its previous occurrence.
-
-    ``model`` is a :class:`streamlens.Model`; the attention patterns are read at the bridge's
-    ``blocks[l].attn.hook_pattern`` points, ``(batch, head, query, key)``.
-    """
+def _attention_patterns(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer ``(batch, head, query, key)`` attention patterns, read at the bridge's ``attn.hook_pattern``."""
     from streamlens import hooks
 
-    ids = induction_batch(n, half, seed=seed, vocab=model.arch.d_vocab)
     pats: dict[int, torch.Tensor] = {}
     attach = [(model.bridge.blocks[l].attn.hook_pattern, lambda t, l=l: pats.__setitem__(l, t.detach()))
               for l in range(model.arch.n_layers)]
     with torch.no_grad(), hooks.attached(attach):
         model.run(ids, torch.ones_like(ids, dtype=torch.bool))
+    return [pats[l] for l in range(model.arch.n_layers)]
+
+
+def induction_scores(model, *, half: int = 16, n: int = 32, seed: int = 999) -> torch.Tensor:
+    """``(n_layers, n_heads)``: mean attention from each repeated-half token to the token after its previous occurrence.
+
+    ``model`` is a :class:`streamlens.Model`.
+    """
+    pats = _attention_patterns(model, induction_batch(n, half, seed=seed, vocab=model.arch.d_vocab))
     q = torch.arange(half, 2 * half)
-    k = q - half + 1
-    return torch.stack([pats[l][:, :, q, k].mean(dim=(0, 2)) for l in range(model.arch.n_layers)])
+    return torch.stack([p[:, :, q, q - half + 1].mean(dim=(0, 2)) for p in pats])
+
+
+def previous_token_scores(model, *, half: int = 16, n: int = 32, seed: int = 999) -> torch.Tensor:
+    """``(n_layers, n_heads)``: mean attention from each token (after the first) to the token just before it."""
+    pats = _attention_patterns(model, induction_batch(n, half, seed=seed, vocab=model.arch.d_vocab))
+    q = torch.arange(1, 2 * half)
+    return torch.stack([p[:, :, q, q - 1].mean(dim=(0, 2)) for p in pats])
