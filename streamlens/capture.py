@@ -482,7 +482,8 @@ def trace(
 
     logits = _run_capture(model, batch, pos_idx, layers=layers_t, sublayers=subs, heads=heads, store=store,
                           on_layer=on_layer, on_global=on_global, all_positions=positions is None)
-    acts[("logits", None)] = store(logits)
+    # The logits are a fresh tensor already: move or cast them, never copy them (50k x pos floats).
+    acts[("logits", None)] = logits.to(device=store_device or logits.device, dtype=store_dtype or logits.dtype)
     if model.final_norm is not None and ("final_in", None) in acts:
         acts[("final_scale", None)] = model.final_norm.scale(acts[("final_in", None)])
     norms = dict(model.block_norms)
