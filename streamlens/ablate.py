@@ -15,6 +15,9 @@ mode                   block ``l`` (``out = in + f(in)``, all layouts)
 ``drop-residual``      ``out = f(in) = out - in``: the block's skip connection is removed
 =====================  ==========================================================================
 
+``drop-residual`` on a post-norm block (BERT, ``out = ln2(h + mlp(h))``, ``h = ln1(x + attn(x))``)
+removes both skip connections inside the norms: ``out = ln2(mlp(h'))`` with ``h' = ln1(attn(x))``.
+
 For sub-layers and heads (``skip`` and ``mean`` only):
 
 * pre-norm (GPT-2, Llama, OPT) and parallel (GPT-J, NeoX): the write is ``attn.hook_out`` /
@@ -202,7 +205,15 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
     arch, bridge = model.arch, model.bridge
     out = []
     heads: dict[int, list[int]] = {}
+    atoms: list[Atom] = []
     for atom in unit.atoms:
+        if atom.kind == "block" and mode == "drop-residual" and arch.layout == "post":
+            # post-norm: the skip connections sit inside the norms, ln1(x + attn(x)) and
+            # ln2(h + mlp(h)); without them the block computes ln2(mlp(h')) with h' = ln1(attn(x)).
+            atoms += [Atom("attn", atom.layer), Atom("mlp", atom.layer)]
+        else:
+            atoms.append(atom)
+    for atom in atoms:
         if atom.kind == "head":
             heads.setdefault(atom.layer, []).append(atom.head)
             continue

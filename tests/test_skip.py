@@ -70,6 +70,47 @@ def test_block_skip_equals_a_hand_built_hook(tiny_models, tiny_dirs, arch):
     assert float(kl) > 1e-4  # the removal changed something, so the comparison has teeth
 
 
+def test_post_norm_drop_residual_equals_a_hand_built_hook(tiny_models, tiny_dirs):
+    """BERT: drop-residual removes the skip connections inside both norms: ln2(mlp(ln1(attn(x))))."""
+    from transformers import AutoModelForMaskedLM
+
+    ids = torch.randint(1, 500, (3, 12), generator=torch.Generator().manual_seed(2))
+    ev = _ev(tiny_models("bert"), ids)
+    hf = AutoModelForMaskedLM.from_pretrained(tiny_dirs("bert")).eval()
+    layer = hf.bert.encoder.layer[1]
+    held = {}
+
+    def keep(name):
+        def pre(module, args, kwargs):
+            held[name] = args[0] if args else kwargs["hidden_states"]
+        return pre
+
+    def minus(name):
+        def pre(module, args):  # the norm's input is (sub-layer write + residual): drop the residual
+            return (args[0] - held[name],)
+        return pre
+
+    def keep_out(module, args, out):
+        held["h"] = out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        clean = hf(ids).logits
+        hs = [layer.register_forward_pre_hook(keep("x"), with_kwargs=True),
+              layer.attention.output.LayerNorm.register_forward_pre_hook(minus("x")),
+              layer.attention.register_forward_hook(keep_out),
+              layer.output.LayerNorm.register_forward_pre_hook(minus("h"))]
+        try:
+            abl = hf(ids).logits
+        finally:
+            for h in hs:
+                h.remove()
+    lp, lq = clean.log_softmax(-1), abl.log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    got = ev.evaluate("block.1", "drop-residual", metrics=("kl", "top1"))
+    assert kl > 1e-3 and abs(got["kl"] - kl) <= 1e-5 * (1 + kl)
+    assert abs(got["top1"] - float((clean.argmax(-1) == abl.argmax(-1)).float().mean())) <= 1e-6
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox", "gemma2", "opt"])
 def test_prefix_reuse_equals_the_naive_path(tiny_models, arch):
     m = tiny_models(arch)
