@@ -56,18 +56,15 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verb(name: str):
-    """A library verb, or a one-line error when this installation does not have it."""
-    from streamlens.demo import library_verb
+def _lib(name: str):
+    """``streamlens.<name>``, imported when a subcommand needs it (keeps ``--help`` fast)."""
+    import streamlens
 
-    fn = library_verb(name)
-    if fn is None:
-        raise StreamlensError(f"streamlens.{name} is not available in this installation of streamlens")
-    return fn
+    return getattr(streamlens, name)
 
 
 def _texts(args) -> list[str]:
-    texts = _verb("load_texts")(args.data)
+    texts = _lib("load_texts")(args.data)
     if not texts:
         raise StreamlensError(f"data file {args.data!r} has no texts")
     return list(texts)
@@ -94,7 +91,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from streamlens import report as rp
     from streamlens.inputs import encode
 
-    decompose = _verb("decompose")
+    decompose = _lib("decompose")
     model = _load(args)
     dec = decompose(model, [args.prompt], args.target, contrast=args.contrast, unit=args.unit,
                     position=args.position, progress=False)
@@ -115,7 +112,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 def _cmd_lens(args: argparse.Namespace) -> int:
     from streamlens import demo
 
-    lens_fn = _verb("logit_lens")
+    lens_fn = _lib("logit_lens")
     model = _load(args)
     positions = None if args.all_positions else [args.position]
     lens = lens_fn(model, args.prompt, target=args.target, positions=positions, k=args.top_k, batch_size=args.batch_size,
@@ -127,7 +124,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from streamlens import report as rp
 
-    sweep = _verb("skip_sweep")
+    sweep = _lib("skip_sweep")
     texts = _texts(args)  # a bad data file fails before the model loads
     model = _load(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -174,7 +171,7 @@ def _print_summary(res) -> None:
 
 
 def _cmd_dynamics(args: argparse.Namespace) -> int:
-    dyn = _verb("dynamics")
+    dyn = _lib("dynamics")
     texts = _texts(args)
     model = _load(args)
     res = dyn(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens)

@@ -9,7 +9,8 @@ intervals), a logit lens, a block-skip sweep and the per-layer dynamics of the s
 ``streamlens report`` are thin layers over them.
 
 Every number in the report and in :attr:`DemoResult.summary` is computed from the model; a section
-whose library verb is not available in this installation is marked "not computed" with the reason.
+that a model does not support (e.g. the exact decomposition of a post-norm model) is marked "not
+computed" with the library's reason.
 
 Example:
     >>> res = streamlens.demo.run_demo("smollm2-135m", "demo-out")
@@ -30,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from streamlens import report as rp
-from streamlens.errors import StreamlensError
+from streamlens.errors import StreamlensError, UnsupportedModelError
 
 CLOSURE_TOL = 1e-4
 DECOMPOSE_TOL = 1e-4
@@ -118,27 +119,6 @@ class _Run:
         self.html.missing(title, reason)
 
 
-# where each verb lives, for installations whose __init__ does not export it (yet)
-_VERB_MODULES = {"decompose": "decompose", "logit_lens": "lens", "skip_sweep": "skip", "load_texts": "data",
-                 "dynamics": "dynamics"}
-
-
-def library_verb(name: str):
-    """A library verb (``streamlens.<name>``, else its module's), or None when this installation lacks it."""
-    import importlib
-
-    import streamlens as sl
-
-    fn = getattr(sl, name, None)
-    if fn is None and name in _VERB_MODULES:
-        try:
-            fn = getattr(importlib.import_module(f"streamlens.{_VERB_MODULES[name]}"), name, None)
-        except ImportError:
-            fn = None
-    return fn
-
-
-_verb = library_verb
 
 
 # ---------------------------------------------------------------------------- sections
@@ -180,11 +160,9 @@ def _section_trace(run: _Run, prompts: list[str], texts: list[str], *, batch_siz
 
 
 def _section_decompose(run: _Run, prompts: list[str]) -> None:
-    decompose = _verb("decompose")
+    from streamlens import decompose as decompose
+
     title = "Direct logit attribution of the next-token prediction"
-    if decompose is None:
-        run.gap(title, "streamlens.decompose is not available in this installation")
-        return
     # "top:1": each prompt is attributed for the token the model itself predicts next.
     layer_dec = decompose(run.model, prompts, "top:1", unit="layer", progress=False)
     head_dec = decompose(run.model, prompts, "top:1", unit="head", progress=False)
@@ -232,11 +210,9 @@ def lens_table(lens, *, points: str = "resid_post") -> pd.DataFrame:
 
 
 def _section_lens(run: _Run, prompts: list[str]) -> None:
-    lens_fn = _verb("logit_lens")
+    from streamlens import logit_lens as lens_fn
+
     title = "Logit lens"
-    if lens_fn is None:
-        run.gap(title, "streamlens.logit_lens is not available in this installation")
-        return
     lens = lens_fn(run.model, prompts[0], k=3, progress=False)  # every position of the first prompt
     full = lens.to_dataframe()
     run.csv("logit_lens", full.drop(columns=["top_tokens", "top_probs"]))
@@ -251,11 +227,9 @@ def _section_lens(run: _Run, prompts: list[str]) -> None:
 
 
 def _section_sweep(run: _Run, texts: list[str], *, unit: str, batch_size: int, max_tokens: int) -> None:
-    sweep = _verb("skip_sweep")
+    from streamlens import skip_sweep as sweep
+
     title = f"Skip sweep: each {unit} removed in turn"
-    if sweep is None:
-        run.gap(title, "streamlens.skip_sweep is not available in this installation")
-        return
     rows = run.out_dir / "skip_sweep.jsonl"  # written row by row as the sweep runs
     rows.unlink(missing_ok=True)  # a new run replaces the folder's previous results
     res = sweep(run.model, texts, unit=unit, metrics=("kl", "ce", "top1"), batch_size=batch_size,
@@ -277,11 +251,11 @@ def _section_sweep(run: _Run, texts: list[str], *, unit: str, batch_size: int, m
 
 
 def _section_dynamics(run: _Run, texts: list[str], *, batch_size: int, max_tokens: int, gradients: bool) -> None:
-    dyn = _verb("dynamics")
+    from streamlens import dynamics as dyn
+
     title = "Dynamics of the stream through depth"
-    if dyn is None:
-        run.gap(title, "streamlens.dynamics is not available in this installation")
-        return
+    # post-norm models have no identity path to split the gradient along: forward statistics only
+    gradients = gradients and run.model.arch.layout != "post"
     res = dyn(run.model, texts, batch_size=batch_size, max_tokens=max_tokens, progress=run.progress, gradients=gradients)
     df = res.to_dataframe()
     run.csv("dynamics", df)
@@ -328,11 +302,19 @@ def build_report(model, texts: Sequence[str], out: str | Path, *, title: str | N
     facts = {"model": model.name, **model.arch.to_dict(), "corpus texts": len(texts),
              "max tokens per text": max_tokens, "prompts": len(prompts)}
     run.html.facts("Model", facts)
-    _section_decompose(run, prompts)
-    _section_trace(run, prompts, texts, batch_size=batch_size, max_tokens=max_tokens)
-    _section_lens(run, prompts)
-    _section_sweep(run, texts, unit=unit, batch_size=batch_size, max_tokens=max_tokens)
-    _section_dynamics(run, texts, batch_size=batch_size, max_tokens=max_tokens, gradients=gradients)
+    sections = (
+        ("Direct logit attribution", lambda: _section_decompose(run, prompts)),
+        ("Residual-stream trace", lambda: _section_trace(run, prompts, texts, batch_size=batch_size, max_tokens=max_tokens)),
+        ("Logit lens", lambda: _section_lens(run, prompts)),
+        ("Skip sweep", lambda: _section_sweep(run, texts, unit=unit, batch_size=batch_size, max_tokens=max_tokens)),
+        ("Dynamics", lambda: _section_dynamics(run, texts, batch_size=batch_size, max_tokens=max_tokens,
+                                               gradients=gradients)),
+    )
+    for title, section in sections:
+        try:
+            section()
+        except UnsupportedModelError as e:  # e.g. no exact decomposition of a post-norm model
+            run.gap(title, str(e))
     summary = pd.DataFrame(run.rows)
     run.files.append(rp.write_json({"model": model.name, "arch": model.arch.to_dict(), "prompts": prompts,
                                     "summary": summary, "missing": run.missing},

@@ -41,7 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from streamlens import hooks
-from streamlens.errors import StreamlensError
+from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.inputs import Batch, Inputs, encode
 from streamlens.model import Model, as_model
 
@@ -49,7 +49,7 @@ from streamlens.model import Model, as_model
 def check_gradient_model(model: Model) -> None:
     """Refuse models whose blocks have no identity path or whose dtype makes the split inexact."""
     if model.arch.layout == "post":
-        raise StreamlensError(
+        raise UnsupportedModelError(
             f"{model.name} is a post-norm model (layout 'post'): its skip connection passes through the norm "
             "(resid_post = ln(resid_pre + f(resid_pre))), so there is no identity path to split off; "
             "use gradients=False for the forward statistics only"
@@ -67,7 +67,7 @@ def check_drop(model: Model, drop_residual: int | Sequence[int] | None) -> tuple
         return ()
     layers = model.check_layers(drop_residual)
     if model.arch.layout == "post":
-        raise StreamlensError(
+        raise UnsupportedModelError(
             f"drop_residual={list(layers)}: {model.name} is a post-norm model (layout 'post'), whose skip connection "
             "passes through the norm, so it cannot be removed as resid_post − resid_pre; only pre-norm, parallel and "
             "sandwich blocks (resid_post = resid_pre + f(resid_pre)) can drop it"

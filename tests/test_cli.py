@@ -8,13 +8,8 @@ import pytest
 
 import streamlens as sl
 from streamlens.cli import build_parser, main
-from streamlens.demo import library_verb
 
 SUBCOMMANDS = ("trace", "attribute", "lens", "sweep", "report", "demo", "dynamics")
-
-
-def needs(name: str):
-    return pytest.mark.skipif(library_verb(name) is None, reason=f"streamlens.{name} is not in this installation")
 
 
 def run_json(capsys, argv) -> dict:
@@ -41,7 +36,6 @@ def test_usage_errors_exit_2(capsys):
     capsys.readouterr()
 
 
-@needs("decompose")
 @pytest.mark.parametrize("arch,unit", [("llama", "layer"), ("gpt2", "head"), ("neox", "neuron")])
 def test_attribute_json_schema_and_sum_identity(tiny_dirs, capsys, arch, unit):
     out = run_json(capsys, ["attribute", str(tiny_dirs(arch)), "--prompt", "The cat sat on the", "--target", " the",
@@ -63,7 +57,6 @@ def test_attribute_json_schema_and_sum_identity(tiny_dirs, capsys, arch, unit):
     assert abs(float(tr["logits"][0, 0, tid]) - out["logit"]) <= 1e-4 * max(1.0, abs(out["logit"]))
 
 
-@needs("decompose")
 def test_attribute_contrast_is_a_logit_difference(tiny_dirs, capsys, tmp_path):
     folder = str(tiny_dirs("llama"))
     argv = ["attribute", folder, "--prompt", "Hello world", "--format", "json"]
@@ -78,7 +71,6 @@ def test_attribute_contrast_is_a_logit_difference(tiny_dirs, capsys, tmp_path):
     assert abs(d_last["logit"] - (a["logit"] - b["logit"])) <= 1e-4
 
 
-@needs("decompose")
 def test_attribute_table_csv_and_html(tiny_dirs, capsys, tmp_path):
     folder = str(tiny_dirs("llama"))
     assert main(["attribute", folder, "--prompt", "Hello world", "--target", " the", "--format", "csv",
@@ -89,7 +81,6 @@ def test_attribute_table_csv_and_html(tiny_dirs, capsys, tmp_path):
     assert "passed" in html and html.count("plotly-graph-div") >= 1
 
 
-@needs("decompose")
 @pytest.mark.parametrize("argv,words", [
     (["--target", "the cat sat on"], "not a single token"),
     (["--target", " the", "--position", "50"], "out of range"),
@@ -117,7 +108,6 @@ def test_trace_still_works(tiny_dirs, capsys, tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["closure_error"] <= 1e-4
 
 
-@needs("load_texts")
 @pytest.mark.parametrize("cmd", ["sweep", "report", "dynamics"])
 def test_empty_data_file_exits_1(tiny_dirs, tmp_path, capsys, cmd):
     empty = tmp_path / "empty.txt"
@@ -135,7 +125,6 @@ def test_parser_covers_every_subcommand():
     assert set(sub.choices) == set(SUBCOMMANDS)
 
 
-@needs("skip_sweep")
 def test_sweep_writes_rows_and_resumes_an_interrupted_run(tiny_dirs, tmp_path, capsys):
     from streamlens.demo import demo_corpus
 
@@ -161,7 +150,6 @@ def test_sweep_writes_rows_and_resumes_an_interrupted_run(tiny_dirs, tmp_path, c
         assert abs(a["kl"] - b["kl"]) <= 1e-9 and abs(a["delta_ce"] - b["delta_ce"]) <= 1e-9
 
 
-@needs("skip_sweep")
 def test_sweep_bad_metric_and_missing_file_exit_1(tiny_dirs, tmp_path, capsys):
     folder = str(tiny_dirs("gpt2"))
     assert main(["sweep", folder, "--data", str(tmp_path / "nope.txt")]) == 1
@@ -172,7 +160,6 @@ def test_sweep_bad_metric_and_missing_file_exit_1(tiny_dirs, tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-@needs("logit_lens")
 def test_lens_json(tiny_dirs, capsys):
     rows = run_json(capsys, ["lens", str(tiny_dirs("llama")), "--prompt", "Hello world", "--target", " the", "--format", "json"])
     assert [r["layer"] for r in rows] == [0, 1]
@@ -180,7 +167,6 @@ def test_lens_json(tiny_dirs, capsys):
     assert rows[-1]["kl"] <= 1e-3  # the last resid_post read through the lens is the model's own output
 
 
-@needs("dynamics")
 def test_dynamics_cli(tiny_dirs, tmp_path, capsys):
     data = tmp_path / "t.txt"
     data.write_text("The residual stream is a sum.\nEach layer adds an update to it.\n")

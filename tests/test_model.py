@@ -74,7 +74,10 @@ def test_hub_name_path_uses_boot_transformers(monkeypatch, tiny_dirs):
 
 
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     with pytest.raises(sl.StreamlensError, match="could not load model 'no-such-org/no-such-model'"):
         sl.load("no-such-org/no-such-model")
 

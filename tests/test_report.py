@@ -141,3 +141,14 @@ def test_demo_on_smollm2_small_settings(smollm2, tmp_path):
     assert float(s["closure error"]) <= demo.CLOSURE_TOL and float(s["exactness error"]) <= demo.DECOMPOSE_TOL
     assert len(pd.read_csv(tmp_path / "skip_sweep.csv")) == 30
     assert "SmolLM2" in res.report.read_text() or "smollm2" in res.report.read_text()
+
+
+def test_report_on_a_post_norm_model_says_what_it_did_not_compute(tiny_models, tmp_path):
+    """BERT has no exact per-writer decomposition and no identity-path gradient: those sections are
+    marked "not computed" with the library's reason; everything else is still computed."""
+    res = demo.build_report(tiny_models("bert"), demo.demo_corpus(2), tmp_path / "bert.html", n_prompts=1,
+                            max_tokens=16, progress=False)
+    assert "Direct logit attribution" in res.missing and "post-norm" in res.missing["Direct logit attribution"]
+    html = res.report.read_text()
+    assert "not computed" in html and "Skip sweep" in html
+    assert (tmp_path / "skip_sweep.csv").exists()
