@@ -7,7 +7,7 @@
     >>> tr.to_dataframe()                        # per-layer norms, relative update sizes, cosines
 """
 
-from streamlens.capture import LayerStack, ResidualTrace, TraceStats, trace, trace_stats
+from streamlens.capture import LayerStack, ResidualTrace, trace
 from streamlens.data import load_texts
 from streamlens.decompose import LogitDecomposition, decompose
 from streamlens.dynamics import Dynamics, dynamics
@@ -16,6 +16,7 @@ from streamlens.gradients import GradientSplit, gradient_split
 from streamlens.lens import LogitLens, logit_lens
 from streamlens.model import Architecture, Model, load
 from streamlens.skip import LayerSkipEvaluator, SkipSweep, skip_sweep
+from streamlens.stats import TraceStats, trace_stats
 
 __all__ = [
     "Architecture",

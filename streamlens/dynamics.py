@@ -14,7 +14,7 @@ table into verdicts.
 Forward statistics per layer ``l``, averaged over real (non-padding) positions:
 
 * ``attn_rel_update = ‖attn_out‖/‖attn_read‖``, ``mlp_rel_update``, ``block_rel_update =
-  ‖resid_post − resid_pre‖/‖resid_pre‖`` (from :class:`~streamlens.capture.StatAccumulator`);
+  ‖resid_post − resid_pre‖/‖resid_pre‖`` (from :class:`~streamlens.stats.StatAccumulator`);
 * ``cos_pre_post = cos(resid_pre, resid_post)``;
 * ``resid_norm_growth = mean‖resid_post_l‖ / mean‖resid_pre_0‖`` (the stream's growth with depth);
 * ``cos_embed = cos(resid_post_l, resid_pre_0)``: how much of the embedding direction (block 0's
@@ -47,7 +47,8 @@ from torch import Tensor
 
 from streamlens import gradients as grad
 from streamlens import hooks
-from streamlens.capture import SUBLAYERS, StatAccumulator, _run_capture, iter_batches
+from streamlens.capture import SUBLAYERS, _run_capture
+from streamlens.stats import StatAccumulator, iter_batches
 from streamlens.data import load_texts
 from streamlens.errors import StreamlensError
 from streamlens.inputs import encode, select_positions

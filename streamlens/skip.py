@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from streamlens import ablate, hooks, metrics as M
-from streamlens.ablate import Atom, Unit
+from streamlens.ablate import Unit
 from streamlens.data import load_texts
 from streamlens.errors import StreamlensError
 from streamlens.inputs import Batch, encode
