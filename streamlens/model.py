@@ -308,7 +308,9 @@ def _probe(model: Model) -> Architecture:
         final_norm=model.final_norm.kind if model.final_norm else None,
         final_reads_last_resid=final_reads,
         logits_are_unembed=logits_are_unembed,
-        unembed_bias=b is not None,
+        # The bridge gives a bias-free lm_head an all-zero bias *buffer*; only a learned one counts.
+        unembed_bias=b is not None and (isinstance(model.bridge.unembed.original_component.bias, nn.Parameter)
+                                        or bool(b.abs().max() > 0)),
         causal=str(getattr(cfg, "attention_dir", "causal")) == "causal",
     )
 

@@ -30,7 +30,7 @@ def test_architecture_is_measured(tiny_models, arch):
     assert a.extra_norms == (arch == "gemma2")
     assert a.causal == (arch != "bert")
     if arch == "llama":
-        assert a.n_kv_heads == 2 and a.positional == "rotary"
+        assert a.n_kv_heads == 2 and a.positional == "rotary" and not a.unembed_bias  # lm_head has no bias
     if arch == "gpt2":
         assert a.has_pos_embed and a.embed_is_sum and a.final_reads_last_resid and a.logits_are_unembed
 
