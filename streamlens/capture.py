@@ -364,9 +364,11 @@ def _check_sublayers(sublayers) -> tuple[str, ...]:
     return sublayers
 
 
-def _storer(store_dtype, store_device):
+def _storer(store_dtype, store_device, *, copy: bool):
+    # ``copy``: a hook's tensor is the model's own activation, so keeping it needs a copy; a
+    # position-gathered tensor is new already and is only moved or cast.
     def store(t: Tensor) -> Tensor:
-        return t.to(device=store_device or t.device, dtype=store_dtype or t.dtype, copy=True)
+        return t.to(device=store_device or t.device, dtype=store_dtype or t.dtype, copy=copy)
 
     return store
 
@@ -403,7 +405,7 @@ def trace(
     subs = _check_sublayers(sublayers)
     batch = encode(model, inputs)
     pos_idx, sel_mask = select_positions(batch, positions)
-    store = _storer(store_dtype, store_device)
+    store = _storer(store_dtype, store_device, copy=positions is None)
     acts: dict[tuple[str, int | None], Tensor] = {}
 
     def on_layer(layer, named):
