@@ -121,6 +121,23 @@ def _head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Callable[
     return store(head), store(bias)
 
 
+def select_positions_of(t: Tensor, shape: tuple[int, int], bidx: Tensor, pidx: Int[Tensor, "batch sel"], *,
+                        all_positions: bool = False) -> Tensor:
+    """A hook's tensor as ``(batch, sel, ...)`` at positions ``pidx`` (``bidx = arange(batch)[:, None]``).
+
+    ``shape`` is the batch's ``(batch, pos)``. Handles the shapes models hand to hooks: ``(batch * pos, d)``
+    (OPT flattens before ln2) and ``(1, pos, d)`` (learned positional embeddings, shared by the batch).
+    With ``all_positions`` every position is kept and nothing is gathered.
+    """
+    b, p = shape
+    t = t.detach()
+    if t.dim() == 2 and t.shape[0] == b * p:
+        t = t.reshape(b, p, t.shape[-1])
+    if t.shape[0] == 1 and b > 1:
+        t = t.expand(b, *t.shape[1:])
+    return t if all_positions else t[bidx, pidx]
+
+
 def _run_capture(
     model: Model,
     batch: Batch,
@@ -146,12 +163,7 @@ def _run_capture(
     pidx = pos_idx.to(dev)
 
     def pick(t: Tensor) -> Tensor:
-        t = t.detach()
-        if t.dim() == 2 and t.shape[0] == b * p:  # OPT flattens (batch, pos) before ln2
-            t = t.reshape(b, p, t.shape[-1])
-        if t.shape[0] == 1 and b > 1:  # learned positional embeddings come out as (1, pos, d)
-            t = t.expand(b, *t.shape[1:])
-        return t if all_positions else t[bidx, pidx]
+        return select_positions_of(t, (b, p), bidx, pidx, all_positions=all_positions)
 
     has_ln2 = hooks.block_component(bridge, 0, "ln2") is not None
     need = _raw_points(arch, sublayers, heads, has_ln2)

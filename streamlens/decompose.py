@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens import hooks
-from streamlens.capture import SUBLAYERS, _run_capture
+from streamlens.capture import SUBLAYERS, _run_capture, select_positions_of
 from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.inputs import Inputs, encode, select_positions
 from streamlens.model import Model, as_model
@@ -212,28 +212,21 @@ def _contribs(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[i
             comps.append((f"attn.{layer}", "attn", layer, None, named["attn_out"]))
         comps.append((f"mlp.{layer}", "mlp", layer, None, named["mlp_out"]))
 
-    def pick(t: Tensor) -> Tensor:
-        t = t.detach()
-        if t.dim() == 2 and t.shape[0] == b * p:  # OPT flattens (batch, pos)
-            t = t.reshape(b, p, t.shape[-1])
-        return t.expand(b, *t.shape[1:])[bidx, pidx].float()  # GPT-2's pos_embed is (1, pos, d)
+    def on_global(name, t):
+        glob[name] = t
 
     extra = []
-    for comp, side, name in (("embed", "out", "embed"), ("pos_embed", "out", "pos_embed"),
-                             ("ln_final", "in", "final_in"), ("ln_final", "out", "final_out")):
-        hp = hooks.global_point(model.bridge, comp, side)
-        if hp is not None:
-            extra.append((hp, lambda t, name=name: glob.__setitem__(name, pick(t))))
     for l in neuron_layers:
         hp = _down_proj(model, l)[2]
 
         def grab(t, l=l):
-            acts[l] = pick(t)
+            acts[l] = select_positions_of(t, (b, p), bidx, pidx).float()
 
         extra.append((hp, grab))
     with hooks.attached(extra):
         logits = _run_capture(model, batch, pos_idx, layers=range(a.n_layers), sublayers=SUBLAYERS,
-                              heads=unit == "head", store=lambda t: t.float(), on_layer=on_layer)
+                              heads=unit == "head", store=lambda t: t.float(), on_layer=on_layer,
+                              on_global=on_global)
     if a.embed_is_sum and "embed" in glob:
         emb = [("embed", "embed", None, None, glob["embed"])]
         if a.has_pos_embed and "pos_embed" in glob:
