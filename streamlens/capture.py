@@ -44,6 +44,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from streamlens import hooks
+from streamlens.hooks import select_positions_of
 from streamlens.errors import StreamlensError
 from streamlens.inputs import Batch, Inputs, encode, select_positions
 from streamlens.model import Architecture, Model, as_model
@@ -119,23 +120,6 @@ def _head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Callable[
         head = norm.linear_part(head, scale)
         bias = norm.linear_part(bias, scale[..., 0, :]) + norm.bias_part(bias)
     return store(head), store(bias)
-
-
-def select_positions_of(t: Tensor, shape: tuple[int, int], bidx: Tensor, pidx: Int[Tensor, "batch sel"], *,
-                        all_positions: bool = False) -> Tensor:
-    """A hook's tensor as ``(batch, sel, ...)`` at positions ``pidx`` (``bidx = arange(batch)[:, None]``).
-
-    ``shape`` is the batch's ``(batch, pos)``. Handles the shapes models hand to hooks: ``(batch * pos, d)``
-    (OPT flattens before ln2) and ``(1, pos, d)`` (learned positional embeddings, shared by the batch).
-    With ``all_positions`` every position is kept and nothing is gathered.
-    """
-    b, p = shape
-    t = t.detach()
-    if t.dim() == 2 and t.shape[0] == b * p:
-        t = t.reshape(b, p, t.shape[-1])
-    if t.shape[0] == 1 and b > 1:
-        t = t.expand(b, *t.shape[1:])
-    return t if all_positions else t[bidx, pidx]
 
 
 def _run_capture(

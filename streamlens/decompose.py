@@ -39,7 +39,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens import hooks
-from streamlens.capture import SUBLAYERS, _run_capture, select_positions_of
+from streamlens.capture import SUBLAYERS, _run_capture
+from streamlens.hooks import select_positions_of
 from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.inputs import Inputs, encode, select_positions
 from streamlens.model import Model, as_model

@@ -99,3 +99,20 @@ def _wrap(fn: HookFn):
         return None
 
     return hook
+
+
+def select_positions_of(t: Tensor, shape: tuple[int, int], bidx: Tensor | None, pidx: Tensor | None, *,
+                        all_positions: bool = False) -> Tensor:
+    """A hook's tensor as ``(batch, sel, ...)`` at positions ``pidx`` (``bidx = arange(batch)[:, None]``).
+
+    ``shape`` is the batch's ``(batch, pos)``. Handles the shapes models hand to hooks: ``(batch * pos, d)``
+    (OPT flattens before ln2) and ``(1, pos, d)`` (learned positional embeddings, shared by the batch).
+    With ``all_positions`` every position is kept and nothing is gathered.
+    """
+    b, p = shape
+    t = t.detach()
+    if t.dim() == 2 and t.shape[0] == b * p:
+        t = t.reshape(b, p, t.shape[-1])
+    if t.shape[0] == 1 and b > 1:
+        t = t.expand(b, *t.shape[1:])
+    return t if all_positions else t[bidx, pidx]

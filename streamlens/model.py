@@ -209,13 +209,6 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _as_3d(x: Tensor, batch: int, pos: int) -> Tensor:
-    # Some models (OPT) flatten (batch, pos) before a norm; give every point the same shape.
-    if x.dim() == 2 and x.shape[0] == batch * pos:
-        return x.reshape(batch, pos, x.shape[-1])
-    return x
-
-
 def _capture_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     rec: dict[tuple, Tensor] = {}
     attach = []
@@ -224,11 +217,11 @@ def _capture_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]
         for comp, side in hooks.BLOCK_POINTS:
             hp = hooks.block_point(model.bridge, layer, comp, side)
             if hp is not None:
-                attach.append((hp, lambda t, k=(layer, comp, side): rec.__setitem__(k, _as_3d(t.detach().clone(), b, p))))
+                attach.append((hp, lambda t, k=(layer, comp, side): rec.__setitem__(k, hooks.select_positions_of(t, (b, p), None, None, all_positions=True).clone())))
     for comp, side in hooks.GLOBAL_POINTS:
         hp = hooks.global_point(model.bridge, comp, side)
         if hp is not None:
-            attach.append((hp, lambda t, k=(None, comp, side): rec.__setitem__(k, _as_3d(t.detach().clone(), b, p))))
+            attach.append((hp, lambda t, k=(None, comp, side): rec.__setitem__(k, hooks.select_positions_of(t, (b, p), None, None, all_positions=True).clone())))
     with torch.no_grad(), hooks.attached(attach):
         logits = model.run(ids, mask)
     return rec, logits
