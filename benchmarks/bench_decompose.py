@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers as T
 
     import streamlens as sl
-    from streamlens.inputs import encode
+    from streamlens.stream.inputs import encode
     from streamlens.testing import tiny_tokenizer
 
     torch.manual_seed(0)

@@ -17,22 +17,23 @@ import warnings
 import torch
 
 import streamlens as sl
-from streamlens.testing import build_tiny, pydoc_texts
+from streamlens.report.demo import pydoc_texts
+from streamlens.testing import build_tiny
 
 
 def bench(name: str, model, texts, max_tokens: int, batch_size: int) -> float:
     times, tables = {}, {}
     # Warm up (first-forward costs), then time the prefix path first so that any remaining
     # first-run penalty counts against it, not against the baseline.
-    sl.LayerSkipEvaluator(model, texts[:1], max_tokens=max_tokens, path="naive", progress=False, n_boot=10).evaluate("block.0")
-    for path in ("auto", "naive"):
+    sl.LayerSkipEvaluator(model, texts[:1], max_tokens=max_tokens, strategy="naive", progress=False, n_boot=10).evaluate("block.0")
+    for strategy in ("auto", "naive"):
         t0 = time.perf_counter()
-        ev = sl.LayerSkipEvaluator(model, texts, max_tokens=max_tokens, batch_size=batch_size, path=path,
+        ev = sl.LayerSkipEvaluator(model, texts, max_tokens=max_tokens, batch_size=batch_size, strategy=strategy,
                                    progress=False, n_boot=200)
-        tables[path] = ev.sweep("block", metrics=("kl", "ce", "top1", "angle")).to_dataframe()
-        times[path] = time.perf_counter() - t0
-        if path == "auto":
-            print(f"  path used: {ev.path} {ev.path_reason}")
+        tables[strategy] = ev.sweep("block", metrics=("kl", "ce", "top1", "angle")).to_dataframe()
+        times[strategy] = time.perf_counter() - t0
+        if strategy == "auto":
+            print(f"  strategy used: {ev.strategy} {ev.strategy_reason}")
     diff = max(float((tables["naive"][c] - tables["auto"][c]).abs().max()) for c in ("kl", "delta_ce", "top1", "angle"))
     ratio = times["auto"] / times["naive"]
     print(f"{name}: {model.arch.n_layers} blocks, {len(texts)} docs x <= {max_tokens} tokens | naive {times['naive']:.2f} s, "

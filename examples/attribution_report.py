@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 import streamlens as sl
-from streamlens import report as rp
+from streamlens.present import figures, tables
+from streamlens.present.html import HtmlReport
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "One, two, three,", "The cat sat on the"]
 
@@ -34,25 +35,25 @@ def main(argv=None) -> int:
     # per layer: attention (its heads and output bias summed) and MLP, per prompt, then mean ± interval
     df["block_part"] = df["kind"].replace({"head": "attn", "attn_bias": "attn"})
     per_prompt = df.groupby(["prompt", "block_part", "layer"], dropna=False)["value"].sum().reset_index()
-    per_layer = rp.mean_interval(per_prompt, ["block_part", "layer"])
-    heads = rp.mean_interval(df[df["kind"] == "head"], ["component", "layer", "head"])
+    per_layer = tables.mean_interval(per_prompt, ["block_part", "layer"])
+    heads = tables.mean_interval(df[df["kind"] == "head"], ["component", "layer", "head"])
     top_heads = heads.reindex(heads["mean"].abs().sort_values(ascending=False).index).head(10)
 
     out = Path(args.out)
-    rep = rp.HtmlReport(f"Attribution report: {model.name}", subtitle=f"{len(prompts)} prompts, target {args.target}")
+    rep = HtmlReport(f"Attribution report: {model.name}", subtitle=f"{len(prompts)} prompts, target {args.target}")
     rep.facts("Model", model.arch.to_dict())
     rep.section("Exactness")
     rep.check("sum of contributions = the model's logit", dec.check(), 1e-4)
     bars = per_layer[per_layer["layer"].notna()].assign(half=lambda d: d["hi"] - d["mean"])
     rep.figure("Mean contribution per layer (±95% interval over prompts)",
-               rp.layer_bars(bars, x="layer", y="mean", error="half", color="block_part", y_title="logit contribution"))
+               figures.layer_bars(bars, x="layer", y="mean", error="half", color="block_part", y_title="logit contribution"))
     rep.table("Heads with the largest mean contribution", top_heads)
     rep.table("Per prompt", df.drop_duplicates("prompt")[["prompt", "target", "model_value"]].assign(
         text=[repr(p) for p in prompts]))
-    rp.write_csv(per_layer, out / "per_layer.csv")
-    rp.write_csv(df.drop(columns="block_part"), out / "components.csv")
+    tables.write_csv(per_layer, out / "per_layer.csv")
+    tables.write_csv(df.drop(columns="block_part"), out / "components.csv")
     path = rep.write(out / "attribution.html")
-    print(rp.text_table(per_layer))
+    print(tables.text_table(per_layer))
     print(f"check {dec.check():.1e}; report: {path}")
     return 0
 

@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 import streamlens as sl
-from streamlens import report as rp
-from streamlens.demo import demo_corpus
+from streamlens.present import figures, tables
+from streamlens.present.html import HtmlReport
+from streamlens.report.demo import demo_corpus
 
 
 def main(argv=None) -> int:
@@ -32,11 +33,11 @@ def main(argv=None) -> int:
     df = sl.trace_stats(model, texts, max_tokens=args.max_tokens, progress=False).to_dataframe()
     df["small"] = df["block_rel_update"] < args.threshold
     cols = ["layer", "attn_rel_update", "mlp_rel_update", "block_rel_update", "cos_pre_post", "small"]
-    print(rp.text_table(df[cols], max_rows=100))
+    print(tables.text_table(df[cols], max_rows=100))
     big = df.loc[~df["small"], "layer"].tolist()
     print(f"{int(df['small'].sum())}/{len(df)} layers update the stream by less than {args.threshold:g} of its norm "
           f"(median {df['block_rel_update'].median():.3g}); larger updates at layers {big or 'none'}")
-    print(f"wrote {rp.write_csv(df, Path(args.out))}")
+    print(f"wrote {tables.write_csv(df, Path(args.out))}")
     return 0
 
 

@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 import streamlens as sl
-from streamlens import report as rp
-from streamlens.demo import demo_corpus
+from streamlens.present import figures, tables
+from streamlens.present.html import HtmlReport
+from streamlens.report.demo import demo_corpus
 
 
 def main(argv=None) -> int:
@@ -35,16 +36,16 @@ def main(argv=None) -> int:
     curve = ev.prune(min(args.prune, len(single)), unit=args.unit).to_dataframe()
 
     out = Path(args.out)
-    rp.write_csv(single, out / "single.csv")
-    rp.write_csv(curve, out / "pruning_curve.csv")
-    rep = rp.HtmlReport(f"Layer removal: {model.name}", subtitle=f"{len(texts)} documents × ≤{args.max_tokens} tokens")
-    rep.figure(f"Each {args.unit} removed alone", rp.interval_chart(single, x="layer", y="kl", lo="kl_lo", hi="kl_hi",
+    tables.write_csv(single, out / "single.csv")
+    tables.write_csv(curve, out / "pruning_curve.csv")
+    rep = HtmlReport(f"Layer removal: {model.name}", subtitle=f"{len(texts)} documents × ≤{args.max_tokens} tokens")
+    rep.figure(f"Each {args.unit} removed alone", figures.interval_chart(single, x="layer", y="kl", lo="kl_lo", hi="kl_hi",
                                                                     y_title="KL(full ‖ removed), nats"))
-    rep.figure("Greedy pruning curve", rp.interval_chart(curve, x="step", y="kl", lo="kl_lo", hi="kl_hi",
+    rep.figure("Greedy pruning curve", figures.interval_chart(curve, x="step", y="kl", lo="kl_lo", hi="kl_hi",
                                                          y_title="KL(full ‖ pruned), nats"))
     rep.table("Pruning steps", curve)
     path = rep.write(out / "pruning.html")
-    print(rp.text_table(curve[["step", "removed", "kl", "delta_ce", "top1"]]))
+    print(tables.text_table(curve[["step", "removed", "kl", "delta_ce", "top1"]]))
     print(f"report: {path}")
     return 0
 

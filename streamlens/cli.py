@@ -34,19 +34,19 @@ def _seed(args) -> None:
 def _load(args):
     import transformers
 
-    import streamlens as sl
+    from streamlens.model.loading import load
 
     _seed(args)
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar is noise around our own output
-    return sl.load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype)
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    import streamlens as sl
+    from streamlens.stream.trace import trace
 
     model = _load(args)
     prompts = args.prompt or ["The residual stream is the sum of every layer's write."]
-    tr = sl.trace(model, prompts)
+    tr = trace(model, prompts)
     df = tr.to_dataframe()
     print(model)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -56,15 +56,10 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lib(name: str):
-    """``streamlens.<name>``, imported when a subcommand needs it (keeps ``--help`` fast)."""
-    import streamlens
-
-    return getattr(streamlens, name)
-
-
 def _texts(args) -> list[str]:
-    texts = _lib("load_texts")(args.data)
+    from streamlens.stream.inputs import load_texts
+
+    texts = load_texts(args.data)
     if not texts:
         raise StreamlensError(f"data file {args.data!r} has no texts")
     return list(texts)
@@ -72,30 +67,30 @@ def _texts(args) -> list[str]:
 
 def _emit(df, fmt: str, out: str | None, payload=None) -> None:
     """Print ``df`` as a table, CSV or JSON (``payload`` replaces the rows for JSON) and write ``out``."""
-    from streamlens import report as rp
+    from streamlens.present import tables
 
     if fmt == "json":
         import json
 
-        print(json.dumps(rp.jsonable(payload if payload is not None else df), indent=2))
+        print(json.dumps(tables.jsonable(payload if payload is not None else df), indent=2))
     elif fmt == "csv":
         print(df.to_csv(index=False), end="")
     else:
-        print(rp.text_table(df))
+        print(tables.text_table(df))
     if out:
-        path = rp.write_json(payload if payload is not None else df, out) if out.endswith(".json") else rp.write_csv(df, out)
+        path = tables.write_json(payload if payload is not None else df, out) if out.endswith(".json") else tables.write_csv(df, out)
         print(f"wrote {path}", file=sys.stderr)
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from streamlens import report as rp
-    from streamlens.inputs import encode
+    from streamlens.readout.decompose import decompose
+    from streamlens.report import attribution
+    from streamlens.stream.inputs import encode
 
-    decompose = _lib("decompose")
     model = _load(args)
     dec = decompose(model, [args.prompt], args.target, contrast=args.contrast, unit=args.unit,
-                    position=args.position, progress=False)
-    payload = rp.attribution_payload(dec, model=model.name, tokens=encode(model, args.prompt).str_tokens[0])
+                    positions=args.position, progress=False)
+    payload = attribution.attribution_payload(dec, model=model.name, tokens=encode(model, args.prompt).str_tokens[0])
     import pandas as pd
 
     table = pd.DataFrame(payload["components"] + [{"name": "bias", "kind": "bias", "value": payload["bias"]}])
@@ -104,27 +99,27 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         print(f"logit {payload['logit']:.4f} = components {table['value'].sum() - payload['bias']:.4f} "
               f"+ bias {payload['bias']:.4f} (check {payload['check']:.1e})")
     if args.html:
-        path = rp.attribution_report(payload, args.html, arch={"model": model.name, **model.arch.to_dict()})
+        path = attribution.attribution_report(payload, args.html, arch={"model": model.name, **model.arch.to_dict()})
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def _cmd_lens(args: argparse.Namespace) -> int:
-    from streamlens import demo
+    from streamlens.present.tables import lens_table
+    from streamlens.readout.lens import logit_lens
 
-    lens_fn = _lib("logit_lens")
     model = _load(args)
     positions = None if args.all_positions else [args.position]
-    lens = lens_fn(model, args.prompt, target=args.target, positions=positions, k=args.top_k, batch_size=args.batch_size,
+    lens = logit_lens(model, args.prompt, target=args.target, positions=positions, k=args.top_k, batch_size=args.batch_size,
                    progress=False)
-    _emit(demo.lens_table(lens, points=args.points), args.format, args.out)
+    _emit(lens_table(lens, points=args.points), args.format, args.out)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from streamlens import report as rp
+    from streamlens.present.tables import text_table
+    from streamlens.skip.evaluator import skip_sweep
 
-    sweep = _lib("skip_sweep")
     texts = _texts(args)  # a bad data file fails before the model loads
     model = _load(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -132,38 +127,38 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
               out=args.out, resume=args.resume, progress=True)
     if args.width is not None:
         kw["width"] = args.width
-    res = sweep(model, texts, **kw)
-    print(rp.text_table(res.to_dataframe()))
+    res = skip_sweep(model, texts, **kw)
+    print(text_table(res.to_dataframe()))
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from streamlens import demo
+    from streamlens.report.build import build_report
 
     texts = _texts(args)
     model = _load(args)
-    res = demo.build_report(model, texts, args.out, prompts=args.prompt, unit=args.unit,
+    res = build_report(model, texts, args.out, prompts=args.prompt, unit=args.unit,
                             batch_size=args.batch_size, max_tokens=args.max_tokens)
     _print_summary(res)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamlens import demo
+    from streamlens.report.demo import run_demo
 
     _seed(args)
-    res = demo.run_demo(args.model, args.out, n_docs=args.n_docs, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
+    res = run_demo(args.model, args.out, n_docs=args.n_docs, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
                         unit=args.unit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     _print_summary(res)
     return 0
 
 
 def _print_summary(res) -> None:
-    from streamlens import report as rp
+    from streamlens.present.tables import text_table
 
-    print(rp.text_table(res.summary))
+    print(text_table(res.summary))
     for title, why in res.missing.items():
         print(f"not computed: {title} ({why})")
     print(f"{len(res.files)} files in {res.out_dir} ({res.wall_s:.1f} s)")
@@ -171,10 +166,11 @@ def _print_summary(res) -> None:
 
 
 def _cmd_dynamics(args: argparse.Namespace) -> int:
-    dyn = _lib("dynamics")
+    from streamlens.depth.claims import dynamics
+
     texts = _texts(args)
     model = _load(args)
-    res = dyn(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    res = dynamics(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens)
     _emit(res.to_dataframe(), args.format, args.out)
     return 0
 

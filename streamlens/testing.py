@@ -13,15 +13,10 @@ from pathlib import Path
 
 import torch
 
+from streamlens.report.demo import pydoc_texts
+
 TINY_ARCHS = ("gpt2", "neox", "llama", "bert", "gptj", "gemma", "gemma2", "opt", "qwen2")
 _VOCAB = 512
-
-
-def pydoc_texts() -> list[str]:
-    """Passages of real English: the topics of Python's own documentation (sorted, deterministic)."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,7 +152,7 @@ def induction_accuracy(hf_model, *, half: int = 16, n: int = 128, seed: int = 12
 
 def _attention_patterns(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer ``(batch, head, query, key)`` attention patterns, read at the bridge's ``attn.hook_pattern``."""
-    from streamlens import hooks
+    from streamlens.model import hooks
 
     pats: dict[int, torch.Tensor] = {}
     attach = [(model.bridge.blocks[l].attn.hook_pattern, lambda t, l=l: pats.__setitem__(l, t.detach()))

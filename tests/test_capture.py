@@ -3,7 +3,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import streamlens as sl
-from streamlens import capture
 from tests.conftest import CORE_ARCHS, MORE_ARCHS, PROMPTS
 
 ALL = CORE_ARCHS + MORE_ARCHS
@@ -145,16 +144,17 @@ def test_hooks_never_leak_even_when_a_hook_raises(tiny_models, monkeypatch):
     before_hooks = _hooks_attached(m)
     with torch.no_grad():
         before = m.run(ids, mask)
-    real = capture._assemble
+    layout = type(m.arch.rule)
+    real = layout.named
 
-    def boom(arch, raw, sublayers, has_ln2):
+    def boom(self, raw, sublayers, has_ln2):
         if boom.calls == 1:  # second layer: mid-trace
             raise RuntimeError("boom inside a hook")
         boom.calls += 1
-        return real(arch, raw, sublayers, has_ln2)
+        return real(self, raw, sublayers, has_ln2)
 
     boom.calls = 0
-    monkeypatch.setattr(capture, "_assemble", boom)
+    monkeypatch.setattr(layout, "named", boom)
     with pytest.raises(RuntimeError, match="boom"):
         sl.trace(m, ids)
     assert _hooks_attached(m) == before_hooks

@@ -126,7 +126,7 @@ def test_parser_covers_every_subcommand():
 
 
 def test_sweep_writes_rows_and_resumes_an_interrupted_run(tiny_dirs, tmp_path, capsys):
-    from streamlens.demo import demo_corpus
+    from streamlens.report.demo import demo_corpus
 
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(demo_corpus(3)))

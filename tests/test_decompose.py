@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import streamlens as sl
-from streamlens import hooks
-from streamlens.inputs import encode, select_positions
+from streamlens.model import hooks
+from streamlens.stream.inputs import encode, select_positions
 from tests.conftest import PROMPTS
 
 # Every prompt has at least three tokens, so -1, -2 and the absolute position 1 exist in each.
@@ -88,10 +88,10 @@ def test_heads_and_neurons_refine_the_layer_split(tiny_models, arch):
     want = {every.neurons[idx[j]] for j in score.topk(5).indices.tolist()}
     assert {neu.neurons[i] for i in picked} == want
     # with every neuron chosen, the rest is the down projection's bias alone, read at the frozen final scale
-    from streamlens.decompose import _down_proj
+    from streamlens.model.affine import down_projection
 
     x = _final(m, DPROMPTS, -1, "final_in")
-    b_down = _down_proj(m, 1)[1].expand_as(x)
+    b_down = down_projection(m, 1)[1].expand_as(x)
     W = m.unembed_weight()[0].float()
     want = m.final_norm.linear_part(b_down, m.final_norm.scale(x)) @ (W[_tok(m, " the")] - W[_tok(m, " a")])
     torch.testing.assert_close(every.values[every.labels.index("mlp_rest.1"), :, :, 0], want, atol=1e-5, rtol=1e-4)

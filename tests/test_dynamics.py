@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import streamlens as sl
-from streamlens import gradients, hooks
-from streamlens.dynamics import dynamics_file, init_copy
-from streamlens.inputs import encode
-from streamlens.testing import pydoc_texts, save_model, tiny_config
+from streamlens.depth import gradients
+from streamlens.depth.claims import dynamics_file, init_copy
+from streamlens.model import hooks
+from streamlens.report.demo import pydoc_texts
+from streamlens.stream.inputs import encode
+from streamlens.testing import save_model, tiny_config
 from tests.conftest import PROMPTS
 
 GRAD_ARCHS = ("gpt2", "neox", "llama", "gemma2")

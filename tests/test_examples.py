@@ -49,7 +49,7 @@ def test_small_refinements_matches_trace_stats(tiny_dirs, tiny_models, tmp_path,
                                            "--threshold", "0.5", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     df = pd.read_csv(out)
-    from streamlens.demo import demo_corpus
+    from streamlens.report.demo import demo_corpus
 
     want = sl.trace_stats(tiny_models("neox"), demo_corpus(8), max_tokens=16, progress=False).to_dataframe()
     pd.testing.assert_series_equal(df["block_rel_update"], want["block_rel_update"], check_names=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import streamlens as sl
-from streamlens.inputs import encode
+from streamlens.stream.inputs import encode
 from tests.conftest import PROMPTS
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from streamlens import metrics as M
+from streamlens.skip import metrics as M
 from streamlens.errors import StreamlensError
 
 

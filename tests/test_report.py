@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import streamlens as sl
-from streamlens import demo, report as rp
+from streamlens.present import html as rp_html, tables as rp
+from streamlens.report import build, demo
 from streamlens.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,21 +28,21 @@ def _fig():
 
 
 def test_plotly_js_is_embedded_once_and_nothing_is_fetched(tmp_path):
-    rep = rp.HtmlReport("t")
+    rep = rp_html.HtmlReport("t")
     rep.facts("Model", {"n_layers": 2})
     rep.figure("a", _fig())
     rep.figure("b", _fig())
     html = rep.write(tmp_path / "r.html").read_text()
     assert html.count('class="plotly-graph-div"') == 2
     assert html.count("define(\"plotly\"") <= 1 and len(html) > 1_000_000  # the inline bundle, once
-    no_js = rp.HtmlReport("t")
+    no_js = rp_html.HtmlReport("t")
     no_js.figure("a", _fig())
     assert len(html) - len(no_js.to_html()) < 100_000  # the second figure did not bring plotly.js again
     assert re.search(r"<script[^>]*\bsrc=", html) is None  # every script is inline
 
 
 def test_check_section_says_failed_when_over_tolerance():
-    rep = rp.HtmlReport("t")
+    rep = rp_html.HtmlReport("t")
     rep.check("closure", 1e-3, 1e-4)
     rep.check("other", 1e-6, 1e-4)
     html = rep.to_html()
@@ -96,9 +97,9 @@ def test_demo_numbers_are_the_models_own(tiny_demo, tiny_models):
     model = tiny_models("llama")
     s = res.summary.set_index("quantity")["value"]
     texts = demo.demo_corpus(3)
-    prompts = demo._prompts_from(model, texts, 2, 16)
+    prompts = build._prompts_from(model, texts, 2, 16)
     assert abs(float(s["closure error"]) - sl.trace(model, prompts).closure_error()) <= 1e-12
-    assert float(s["exactness error"]) <= demo.DECOMPOSE_TOL
+    assert float(s["exactness error"]) <= build.DECOMPOSE_TOL
     stats = sl.trace_stats(model, texts, max_tokens=24, progress=False).to_dataframe()
     assert abs(float(s["median block update (rel.)"]) - stats["block_rel_update"].median()) <= 1e-9
     sweep = pd.read_csv(out / "skip_sweep.csv")
@@ -138,7 +139,7 @@ def test_demo_on_smollm2_small_settings(smollm2, tmp_path):
     res = demo.run_demo(smollm2, tmp_path, n_docs=2, max_tokens=16, n_prompts=2, gradients=False, progress=False)
     assert res.missing == {}
     s = res.summary.set_index("quantity")["value"]
-    assert float(s["closure error"]) <= demo.CLOSURE_TOL and float(s["exactness error"]) <= demo.DECOMPOSE_TOL
+    assert float(s["closure error"]) <= build.CLOSURE_TOL and float(s["exactness error"]) <= build.DECOMPOSE_TOL
     assert len(pd.read_csv(tmp_path / "skip_sweep.csv")) == 30
     assert "SmolLM2" in res.report.read_text() or "smollm2" in res.report.read_text()
 
@@ -146,7 +147,7 @@ def test_demo_on_smollm2_small_settings(smollm2, tmp_path):
 def test_report_on_a_post_norm_model_says_what_it_did_not_compute(tiny_models, tmp_path):
     """BERT has no exact per-writer decomposition and no identity-path gradient: those sections are
     marked "not computed" with the library's reason; everything else is still computed."""
-    res = demo.build_report(tiny_models("bert"), demo.demo_corpus(2), tmp_path / "bert.html", n_prompts=1,
+    res = build.build_report(tiny_models("bert"), demo.demo_corpus(2), tmp_path / "bert.html", n_prompts=1,
                             max_tokens=16, progress=False)
     assert "Direct logit attribution" in res.missing and "post-norm" in res.missing["Direct logit attribution"]
     html = res.report.read_text()

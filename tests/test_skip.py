@@ -5,7 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import streamlens as sl
-from streamlens.testing import induction_batch, induction_scores, pydoc_texts
+from streamlens.report.demo import pydoc_texts
+from streamlens.intervene.units import unit_of
+from streamlens.testing import induction_batch, induction_scores
 
 TEXTS = [t[:400] for t in pydoc_texts()[:5]]
 HF_LAYERS = {"gpt2": "transformer.h", "neox": "gpt_neox.layers", "llama": "model.layers", "gptj": "transformer.h",
@@ -22,8 +24,8 @@ def _ev(m, data=TEXTS, **kw):
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "bert", "gemma2"])
 def test_removing_nothing_is_the_clean_pass(tiny_models, arch):
     ev = _ev(tiny_models(arch))
-    for path in {"naive", ev.path}:
-        r = ev.evaluate([], metrics=ALL_METRICS, path=path)
+    for strategy in {"naive", ev.strategy}:
+        r = ev.evaluate([], metrics=ALL_METRICS, strategy=strategy)
         assert abs(r["kl"]) <= 1e-6 and abs(r["kl_hi"]) <= 1e-6
         assert abs(r["delta_ce"]) <= 1e-6
         assert abs(r["top1"] - 1.0) <= 1e-9 and abs(r["topk"] - 1.0) <= 1e-9
@@ -114,8 +116,8 @@ def test_post_norm_drop_residual_equals_a_hand_built_hook(tiny_models, tiny_dirs
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox", "gemma2", "opt"])
 def test_prefix_reuse_equals_the_naive_path(tiny_models, arch):
     m = tiny_models(arch)
-    fast, slow = _ev(m), _ev(m, path="naive")
-    assert fast.path == "prefix" and fast.path_reason == ""
+    fast, slow = _ev(m), _ev(m, strategy="naive")
+    assert fast.strategy == "prefix" and fast.strategy_reason == ""
     calls = []
     for unit, mode, width in (("block", "skip", None), ("attn", "skip", None), ("mlp", "mean", None),
                               ("head", "mean", None), ("span", "drop-residual", 2), ("block", "mean", None)):
@@ -131,9 +133,9 @@ def test_prefix_reuse_equals_the_naive_path(tiny_models, arch):
 
 def test_bert_falls_back_to_the_naive_path_with_a_reason(tiny_models):
     ev = _ev(tiny_models("bert"))
-    assert ev.path == "naive" and "full forward per unit" in ev.path_reason
+    assert ev.strategy == "naive" and "full forward per unit" in ev.strategy_reason
     with pytest.raises(sl.StreamlensError, match="prefix reuse"):
-        ev.evaluate("block.0", path="prefix")
+        ev.evaluate("block.0", strategy="prefix")
     df = ev.sweep("attn").to_dataframe()
     assert list(df["unit"]) == ["attn.0", "attn.1"] and (df["kl"] >= 0).all()
 
@@ -262,7 +264,7 @@ def test_errors(tiny_models, tmp_path):
     with pytest.raises(sl.StreamlensError, match="width 3 is wider than the 2-layer model"):
         ev.sweep("span", width=3)
     with pytest.raises(sl.StreamlensError, match="unknown unit 'layer'"):
-        ev.sweep("layer") if False else sl.ablate.unit_of(m, "layer", 0)
+        ev.sweep("layer") if False else unit_of(m, "layer", 0)
     with pytest.raises(sl.StreamlensError, match="not 'attn.0'"):
         ev.evaluate("attn.0", "drop-residual")
     with pytest.raises(sl.StreamlensError, match="unknown mode 'zero'"):
@@ -300,7 +302,7 @@ def test_smollm2_block_sweep_is_stable(smollm2):
     texts = pydoc_texts()[:2]
     sweep = sl.skip_sweep(smollm2, texts, unit="block", max_tokens=24, progress=False, n_boot=100)
     a = sweep.to_dataframe().set_index("unit")
-    assert len(a) == smollm2.arch.n_layers and sweep.path == "prefix"
+    assert len(a) == smollm2.arch.n_layers and sweep.strategy == "prefix"
     assert (a["kl"] >= 0).all() and a["kl"].max() > 0.01 and -1 <= sweep.spearman["kl"] <= 1
     again = sl.LayerSkipEvaluator(smollm2, texts, max_tokens=24, progress=False, n_boot=100)  # a second run
     for unit in ("block.0", "block.14", "block.29"):

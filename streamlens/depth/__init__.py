@@ -1,0 +1,1 @@
+"""Residual dynamics through depth: the gradient split and the classic claims."""

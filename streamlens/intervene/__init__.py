@@ -1,0 +1,1 @@
+"""Changing the stream: the unit grammar, removal modes and mean writes."""

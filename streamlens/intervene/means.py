@@ -1,0 +1,70 @@
+"""Mean writes over a data set, for the ``mean`` removal mode.
+
+``mean_writes`` runs one clean pass over the batches and averages, over the non-padding tokens,
+the write of every block and sub-layer (where each layout writes:
+:meth:`streamlens.model.layouts.Layout.write`) and the heads' output-projection input ``z``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from streamlens.intervene.units import Atom
+from streamlens.intervene.removal import base_point, write_point
+from streamlens.model import hooks
+
+def mean_writes(model, batches, over: str = "position") -> dict:
+    """The mean write of every atom over the non-padding tokens of ``batches`` (one extra clean pass).
+
+    Keys are :class:`Atom` s (``block``/``attn``/``mlp``) and ``Atom("attn_z", l)`` for the heads'
+    ``z`` of layer ``l``; values ``(pos, d)`` (``over="position"``: mean over documents at each
+    position) or ``(d,)`` (``over="all"``).
+    """
+    arch, bridge = model.arch, model.bridge
+    sums: dict = {}
+    counts: dict = {}
+    for batch in batches:
+        b, p = batch.input_ids.shape
+        raw: dict = {}
+        pts = []
+        for l in range(arch.n_layers):
+            keys = {("block", "in"), ("block", "out"), ("o", "in")}
+            for kind in ("attn", "mlp"):
+                keys.add(write_point(arch, Atom(kind, l)))
+                bp = base_point(arch, Atom(kind, l))
+                if bp:
+                    keys.add(bp)
+            for comp, side in keys:
+                hp = hooks.block_point(bridge, l, comp, side)
+                if hp is not None:
+                    pts.append((hp, lambda t, k=(l, comp, side): raw.__setitem__(
+                        k, (t.reshape(b, p, t.shape[-1]) if t.dim() == 2 else t).detach().double())))
+        with torch.no_grad(), hooks.attached(pts):
+            model.run(batch.input_ids, batch.mask)
+        mask = batch.mask.to(model.device).double()[..., None]  # (b, p, 1)
+        for l in range(arch.n_layers):
+            writes = {Atom("block", l): raw[(l, "block", "out")] - raw[(l, "block", "in")]}
+            for kind in ("attn", "mlp"):
+                w = raw.get((l, *write_point(arch, Atom(kind, l))))
+                bp = base_point(arch, Atom(kind, l))
+                if w is not None:
+                    writes[Atom(kind, l)] = w if bp is None else w - raw[(l, *bp)]
+            if (l, "o", "in") in raw:
+                writes[Atom("attn_z", l)] = raw[(l, "o", "in")]
+            for atom, w in writes.items():
+                s = (w * mask).sum(0)  # (p, d)
+                c = mask.sum(0)  # (p, 1)
+                if atom in sums:
+                    n = max(sums[atom].shape[0], p)
+                    sums[atom] = _pad_rows(sums[atom], n) + _pad_rows(s, n)
+                    counts[atom] = _pad_rows(counts[atom], n) + _pad_rows(c, n)
+                else:
+                    sums[atom], counts[atom] = s, c
+    if over == "all":
+        return {a: (s.sum(0) / counts[a].sum()).float() for a, s in sums.items()}
+    return {a: (s / counts[a].clamp_min(1)).float() for a, s in sums.items()}
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    return x if x.shape[0] == n else torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])

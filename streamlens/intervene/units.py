@@ -1,0 +1,129 @@
+"""Units that can be removed from the residual stream: the unit grammar.
+
+A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, or a span of consecutive
+blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``, ``"head.3.1"`` (layer 3, head 1),
+``"span.3:5"`` (blocks 3 and 4). Several units removed together form a *set* (:func:`combine`).
+What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
+
+    >>> parse_unit(model, "head.1.0").atoms
+    (Atom(kind='head', layer=1, head=0),)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from streamlens.errors import StreamlensError
+
+KINDS = ("block", "attn", "mlp", "head", "span")
+#: Removal modes (see :mod:`streamlens.intervene.removal`).
+MODES = ("skip", "mean", "drop-residual")
+
+
+@dataclass(frozen=True, order=True)
+class Atom:
+    """One removable piece: ``kind`` in block/attn/mlp/head, its layer, and its head (heads only)."""
+
+    kind: str
+    layer: int
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one row of a sweep removes: a label, its atoms, and where it sits."""
+
+    label: str
+    kind: str
+    atoms: tuple[Atom, ...]
+    layer: int | None = None
+    head: int | None = None
+    start: int | None = None
+    width: int | None = None
+
+    @property
+    def first_layer(self) -> int:
+        return min(a.layer for a in self.atoms) if self.atoms else 0
+
+
+def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | None = None) -> Unit:
+    """A checked single unit (``span`` takes ``layer`` as its start and a ``width``)."""
+    a = model.arch
+    if kind not in KINDS:
+        raise StreamlensError(f"unknown unit {kind!r}; choose one of {KINDS} or a list of units")
+    if kind == "span":
+        if not isinstance(width, int) or width < 1:
+            raise StreamlensError(f"a span needs a positive int width, got {width!r}")
+        if width > a.n_layers:
+            raise StreamlensError(f"a span of width {width} is wider than the {a.n_layers}-layer model")
+        if not 0 <= layer <= a.n_layers - width:
+            raise StreamlensError(f"a span of width {width} cannot start at block {layer} of a {a.n_layers}-layer model")
+        return Unit(f"span.{layer}:{layer + width}", "span", tuple(Atom("block", l) for l in range(layer, layer + width)),
+                    start=layer, width=width)
+    layer = model.check_layer(layer)
+    if kind == "head":
+        if not isinstance(head, int) or not 0 <= head < a.n_heads:
+            raise StreamlensError(f"head {head!r} does not exist: layer {layer} has {a.n_heads} heads (0..{a.n_heads - 1})")
+        return Unit(f"head.{layer}.{head}", "head", (Atom("head", layer, head),), layer=layer, head=head)
+    return Unit(f"{kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
+
+
+_LABEL = re.compile(r"^(block|attn|mlp)\.(-?\d+)$|^head\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
+
+
+def parse_unit(model, spec) -> Unit:
+    """A unit from a label (``"head.3.1"``), a :class:`Unit`, or a tuple (``("head", 3, 1)``)."""
+    if isinstance(spec, Unit):
+        return spec
+    if isinstance(spec, str):
+        m = _LABEL.match(spec.strip())
+        if not m:
+            raise StreamlensError(
+                f"cannot read unit {spec!r}: write 'block.3', 'attn.3', 'mlp.3', 'head.3.1' or 'span.3:5'"
+            )
+        if m.group(1):
+            return unit_of(model, m.group(1), int(m.group(2)))
+        if m.group(3):
+            return unit_of(model, "head", int(m.group(3)), int(m.group(4)))
+        lo, hi = int(m.group(5)), int(m.group(6))
+        return unit_of(model, "span", lo, width=hi - lo)
+    if isinstance(spec, tuple) and spec and isinstance(spec[0], str):
+        if spec[0] == "span" and len(spec) == 3:
+            return unit_of(model, "span", spec[1], width=spec[2])
+        return unit_of(model, *spec)
+    raise StreamlensError(f"cannot read unit {spec!r}: use a label like 'head.3.1' or a tuple like ('head', 3, 1)")
+
+
+def combine(units: Sequence[Unit]) -> Unit:
+    """Several units removed together, as one unit."""
+    if not units:
+        return Unit("none", "none", ())
+    if len(units) == 1:
+        return units[0]
+    atoms = tuple(sorted({a for u in units for a in u.atoms}))
+    return Unit("+".join(u.label for u in units), "set", atoms)
+
+
+def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
+    """Every single unit of a kind, in layer (then head) order; spans of ``width`` at every start."""
+    a = model.arch
+    if kind == "head":
+        return [unit_of(model, "head", l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
+    if kind == "span":
+        unit_of(model, "span", 0, width=width)  # checks the width
+        return [unit_of(model, "span", s, width=width) for s in range(a.n_layers - width + 1)]
+    return [unit_of(model, kind, l) for l in range(a.n_layers)]
+
+
+def check_mode(mode: str, unit: Unit) -> None:
+    """Refuse an unknown mode, or drop-residual on anything but blocks."""
+    if mode not in MODES:
+        raise StreamlensError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode == "drop-residual" and any(a.kind != "block" for a in unit.atoms):
+        raise StreamlensError(
+            f"mode 'drop-residual' removes a block's skip connection; it applies to blocks and spans, not {unit.label!r}"
+        )
+
+

@@ -1,0 +1,118 @@
+"""Where streamlens listens: the bridge's hook points, and a context that always detaches.
+
+A ``TransformerBridge`` wraps each HuggingFace sub-module in a component with ``hook_in`` and
+``hook_out`` points (identity modules). streamlens attaches plain PyTorch forward hooks to those
+points for the duration of one call and removes every one of them in a ``finally`` block, so a
+failed call leaves the model exactly as it was. The component names are the bridge's, the same for
+every architecture it supports: ``blocks[l].{ln1, attn, ln2, mlp, ln1_post, ln2_post}``, ``embed``,
+``pos_embed``, ``ln_final``, ``unembed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+#: Raw hook points inside one block, as ``(component, "in" | "out")``.
+BLOCK_POINTS: tuple[tuple[str, str], ...] = (
+    ("block", "in"),
+    ("ln1", "in"),
+    ("ln1", "out"),
+    ("attn", "out"),
+    ("ln1_post", "out"),
+    ("ln2", "in"),
+    ("ln2", "out"),
+    ("mlp", "out"),
+    ("ln2_post", "out"),
+    ("block", "out"),
+    ("o", "in"),
+)
+
+GLOBAL_POINTS: tuple[tuple[str, str], ...] = (
+    ("embed", "out"),
+    ("pos_embed", "out"),
+    ("ln_final", "in"),
+    ("ln_final", "out"),
+    ("unembed", "out"),
+)
+
+HookFn = Callable[[Tensor], Tensor | None]
+
+
+def child(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        return None
+
+
+def block_component(bridge: nn.Module, layer: int, component: str) -> nn.Module | None:
+    """The bridge component ``component`` of block ``layer`` (``"block"`` for the block itself)."""
+    block = bridge.blocks[layer]
+    if component == "block":
+        return block
+    if component == "o":
+        attn = child(block, "attn")
+        return None if attn is None else child(attn, "o")
+    return child(block, component)
+
+
+def hook_point(component: nn.Module | None, side: str) -> nn.Module | None:
+    if component is None:
+        return None
+    return child(component, f"hook_{side}")
+
+
+def block_point(bridge: nn.Module, layer: int, component: str, side: str) -> nn.Module | None:
+    """The HookPoint for ``(component, side)`` of block ``layer``, or None where the model has none."""
+    return hook_point(block_component(bridge, layer, component), side)
+
+
+def global_point(bridge: nn.Module, component: str, side: str) -> nn.Module | None:
+    return hook_point(child(bridge, component), side)
+
+
+@contextmanager
+def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
+    """Attach ``fn`` as a forward hook on each module for the duration of the block.
+
+    ``fn`` receives the module's output tensor; a non-None return value replaces it (used for
+    interventions). Every handle is removed on exit, whether the block ended normally or raised.
+    """
+    handles = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_hook(_wrap(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _wrap(fn: HookFn):
+    def hook(module: nn.Module, args, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        return None
+
+    return hook
+
+
+def select_positions_of(t: Tensor, shape: tuple[int, int], bidx: Tensor | None, pidx: Tensor | None, *,
+                        all_positions: bool = False) -> Tensor:
+    """A hook's tensor as ``(batch, sel, ...)`` at positions ``pidx`` (``bidx = arange(batch)[:, None]``).
+
+    ``shape`` is the batch's ``(batch, pos)``. Handles the shapes models hand to hooks: ``(batch * pos, d)``
+    (OPT flattens before ln2) and ``(1, pos, d)`` (learned positional embeddings, shared by the batch).
+    With ``all_positions`` every position is kept and nothing is gathered.
+    """
+    b, p = shape
+    t = t.detach()
+    if t.dim() == 2 and t.shape[0] == b * p:
+        t = t.reshape(b, p, t.shape[-1])
+    if t.shape[0] == 1 and b > 1:
+        t = t.expand(b, *t.shape[1:])
+    return t if all_positions else t[bidx, pidx]

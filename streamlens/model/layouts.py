@@ -1,0 +1,196 @@
+"""Layouts: where a block reads and writes the residual stream, and its update rule, stated once each.
+
+A block's *layout* is its update rule. nanoGPT states the pre-norm one in two lines::
+
+    x = x + self.attn(self.ln_1(x))     # resid_mid  = resid_pre + attn_out
+    x = x + self.mlp(self.ln_2(x))      # resid_post = resid_mid + mlp_out
+
+Each class below states one rule and the raw hook points (``(component, side)`` of the bridge's
+block, see :mod:`streamlens.model.hooks`) where its reads and writes can be seen. Everything that
+depends on the rule asks the layout: the probe that detects it (:mod:`streamlens.model.probe`), the
+names the capture engine hands out (:mod:`streamlens.stream.engine`), the closure check
+(:meth:`streamlens.ResidualTrace.closure_error`), the removal hooks (:mod:`streamlens.intervene.removal`)
+and the gradient split (:mod:`streamlens.depth.gradients`). Adding a layout is one class here, added
+to :data:`LAYOUTS`, plus its tests.
+
+==============  ==========================================================================================
+layout          rule
+==============  ==========================================================================================
+``pre``         ``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``
+``parallel``    ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``  (GPT-J, GPT-NeoX)
+``sandwich``    ``pre`` with an extra norm on each write: ``attn_out = ln1_post(attn(...))``  (Gemma 2)
+``post``        ``resid_mid = ln1(resid_pre + attn(resid_pre))``; ``resid_post = ln2(resid_mid + mlp(resid_mid))``  (BERT)
+==============  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
+
+from torch import Tensor
+
+Point = tuple[str, str]
+#: The sub-layers (writers) of a block, in the order they write.
+SUBLAYERS = ("attn", "mlp")
+_NORM = {"attn": "ln1", "mlp": "ln2"}
+
+
+class Layout:
+    """One update rule: its read and write points, its named tensors and its equations.
+
+    Subclasses declare where things are; the methods below are shared. ``has_ln2`` is False for
+    models whose two sub-layers share one input norm (GPT-J).
+    """
+
+    name: ClassVar[str]
+    rule: ClassVar[str]
+    #: ``resid_post = resid_pre + Σ writes``: False where the skip connections pass through norms (post-norm).
+    additive: ClassVar[bool] = True
+    #: Points that must be absent for this layout to apply (an extra norm rules out the plain rule).
+    absent: ClassVar[tuple[Point, ...]] = (("ln1_post", "out"),)
+
+    @property
+    def has_resid_mid(self) -> bool:
+        return self.resid_mid_point is not None
+
+    # ------------------------------------------------------------------ declarations
+    resid_mid_point: ClassVar[Point | None] = ("ln2", "in")
+
+    def write_point(self, sub: str) -> Point:
+        """Where sub-layer ``sub``'s write into the stream can be read (and replaced)."""
+        return sub, "out"
+
+    def base_point(self, sub: str) -> Point | None:
+        """Where the stream the raw point of :meth:`write_point` includes can be read (None: the raw point is the write)."""
+        return None
+
+    def write_norm(self, sub: str) -> str | None:
+        """The extra norm a sub-layer's raw output passes through before it is written (sandwich only)."""
+        return None
+
+    def read_normed_point(self, sub: str, has_ln2: bool) -> Point | None:
+        """Where the normalised read of ``sub`` can be seen (None: the sub-layer reads the stream unnormalised)."""
+        return (_NORM[sub] if has_ln2 or sub == "attn" else "ln1"), "out"
+
+    def mlp_reads(self) -> str:
+        """The named point the MLP reads: ``resid_mid`` (sequential) or ``resid_pre`` (parallel)."""
+        return "resid_mid"
+
+    def equations(self, named: Mapping[str, Tensor], norm: Callable[[str], Callable[[Tensor], Tensor]]
+                  ) -> list[tuple[str, Tensor, Tensor]]:
+        """The update rule as ``(statement, got, want)`` triples over one layer's named tensors.
+
+        ``norm(component)`` gives the block's norm ``component`` as a function (used by post-norm).
+        """
+        pre, post = named["resid_pre"], named["resid_post"]
+        mid, attn, mlp = named["resid_mid"], named["attn_out"], named["mlp_out"]
+        return [("resid_mid = resid_pre + attn_out", mid, pre + attn),
+                ("resid_post = resid_mid + mlp_out", post, mid + mlp)]
+
+    # ------------------------------------------------------------------ shared
+    def points(self, sublayers: Sequence[str], has_ln2: bool) -> set[Point]:
+        """The raw points one layer needs for the named tensors of ``sublayers``."""
+        pts = {("block", "in"), ("block", "out")}
+        if self.resid_mid_point is not None:
+            pts.add(self.resid_mid_point)
+        for sub in sublayers:
+            pts.add(self.write_point(sub))
+            if self.base_point(sub) is not None:
+                pts.add(self.base_point(sub))
+            if self.read_normed_point(sub, has_ln2) is not None:
+                pts.add(self.read_normed_point(sub, has_ln2))
+        return pts
+
+    def head_points(self) -> set[Point]:
+        """Extra raw points for per-head writes: the output projection's input (and the raw output for an extra norm)."""
+        return {("o", "in")} | ({("attn", "out")} if self.write_norm("attn") else set())
+
+    def read_points(self, has_ln2: bool) -> dict[str, Point]:
+        """Where each sub-layer's read enters its norm (checked by the probe against the named read)."""
+        if self.read_normed_point("attn", has_ln2) is None:
+            return {}
+        return {"attn_read": ("ln1", "in"), "mlp_read": ((_NORM["mlp"] if has_ln2 else "ln1"), "in")}
+
+    def write(self, raw: Mapping[Point, Tensor], sub: str) -> Tensor:
+        """Sub-layer ``sub``'s write from the raw points."""
+        w = raw[self.write_point(sub)]
+        base = self.base_point(sub)
+        return w if base is None else w - raw[base]
+
+    def named(self, raw: Mapping[Point, Tensor], sublayers: Sequence[str], has_ln2: bool) -> dict[str, Tensor]:
+        """One layer's named tensors from its raw points (aliases share storage: ``attn_read`` is ``resid_pre``)."""
+        out = {"resid_pre": raw[("block", "in")], "resid_post": raw[("block", "out")]}
+        if self.resid_mid_point is not None:
+            out["resid_mid"] = raw[self.resid_mid_point]
+        reads = {"attn": out["resid_pre"], "mlp": out[self.mlp_reads()]}
+        for sub in sublayers:
+            normed = self.read_normed_point(sub, has_ln2)
+            out[f"{sub}_read"] = reads[sub]
+            out[f"{sub}_read_normed"] = reads[sub] if normed is None else raw[normed]
+            out[f"{sub}_out"] = self.write(raw, sub)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}: {self.rule}>"
+
+
+class PreNorm(Layout):
+    name = "pre"
+    rule = "resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid))"
+
+
+class Parallel(Layout):
+    name = "parallel"
+    rule = "resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))"
+    resid_mid_point = None
+
+    def mlp_reads(self) -> str:
+        return "resid_pre"
+
+    def equations(self, named, norm):
+        pre, post = named["resid_pre"], named["resid_post"]
+        return [("resid_post = resid_pre + attn_out + mlp_out", post, pre + named["attn_out"] + named["mlp_out"])]
+
+
+class Sandwich(Layout):
+    name = "sandwich"
+    rule = "resid_mid = resid_pre + ln1_post(attn(ln1(resid_pre))); resid_post = resid_mid + ln2_post(mlp(ln2(resid_mid)))"
+    absent = ()
+
+    def write_point(self, sub: str) -> Point:
+        return f"{_NORM[sub]}_post", "out"
+
+    def write_norm(self, sub: str) -> str | None:
+        return f"{_NORM[sub]}_post"
+
+
+class PostNorm(Layout):
+    name = "post"
+    rule = "resid_mid = ln1(resid_pre + attn(resid_pre)); resid_post = ln2(resid_mid + mlp(resid_mid))"
+    additive = False
+    resid_mid_point = ("ln1", "out")
+
+    def write_point(self, sub: str) -> Point:
+        return _NORM[sub], "in"  # what enters the norm: the stream plus the write
+
+    def base_point(self, sub: str) -> Point:
+        return ("block", "in") if sub == "attn" else ("ln1", "out")
+
+    def read_normed_point(self, sub: str, has_ln2: bool) -> Point | None:
+        return None
+
+    def equations(self, named, norm):
+        pre, mid, post = named["resid_pre"], named["resid_mid"], named["resid_post"]
+        return [("resid_mid = ln1(resid_pre + attn_out)", mid, norm("ln1")(pre.float() + named["attn_out"].float())),
+                ("resid_post = ln2(resid_mid + mlp_out)", post, norm("ln2")(mid.float() + named["mlp_out"].float()))]
+
+
+#: Every layout streamlens knows, in the order the probe tries them.
+LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm())
+_BY_NAME = {lay.name: lay for lay in LAYOUTS}
+
+
+def get(name: str) -> Layout:
+    """The layout called ``name``."""
+    return _BY_NAME[name]

@@ -1,0 +1,215 @@
+"""The architecture facts streamlens derives from the model itself: measured, not looked up.
+
+At load time one short probe input runs through the model with every raw hook point recorded, and
+streamlens checks, on the model's own numbers:
+
+* which norm each norm module computes (:func:`streamlens.model.norms.identify_norm`);
+* which update rule every block follows: the first layout of :data:`streamlens.model.layouts.LAYOUTS`
+  whose points exist and whose equations hold (relative error ≤ 1e-4), every sub-layer reading the
+  stream the layout says it reads;
+* whether the first block's input is exactly the token (+ positional) embedding, whether the final
+  norm reads the last block's output, and whether the logits are exactly ``unembed(ln_final(x))``.
+
+A model that fits no layout is refused with each layout's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from streamlens.errors import UnsupportedModelError
+from streamlens.model import hooks, layouts
+from streamlens.model.layouts import SUBLAYERS, Layout
+from streamlens.model.norms import NormKind, identify_norm
+
+if TYPE_CHECKING:
+    from streamlens.model.loading import Model
+
+_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Facts about a model, derived from its modules and checked on a probe input."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int | None
+    d_vocab: int
+    n_ctx: int
+    norm: NormKind
+    layout: str
+    positional: str
+    has_pos_embed: bool
+    embed_is_sum: bool
+    final_norm: NormKind | None
+    final_reads_last_resid: bool
+    logits_are_unembed: bool
+    unembed_bias: bool
+    causal: bool
+
+    @property
+    def rule(self) -> Layout:
+        """The :class:`~streamlens.model.layouts.Layout` object behind ``layout``."""
+        return layouts.get(self.layout)
+
+    @property
+    def parallel(self) -> bool:
+        """Attention and MLP read the same input (GPT-J, GPT-NeoX/Pythia)."""
+        return self.rule.mlp_reads() == "resid_pre"
+
+    @property
+    def norm_placement(self) -> str:
+        """``"pre"`` (norm on each sub-layer's read) or ``"post"`` (norm after the residual sum)."""
+        return "pre" if self.rule.additive else "post"
+
+    @property
+    def extra_norms(self) -> bool:
+        """An extra norm on each sub-layer's write (Gemma 2's ``post_attention_layernorm``)."""
+        return self.rule.write_norm("attn") is not None
+
+    @property
+    def has_resid_mid(self) -> bool:
+        return self.rule.has_resid_mid
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(parallel=self.parallel, norm_placement=self.norm_placement, extra_norms=self.extra_norms)
+        return d
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """``‖got − want‖ / ‖want‖`` over the whole tensor."""
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
+def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
+    """Every raw block and global point of one forward, by ``(layer or None, component, side)``."""
+    rec: dict[tuple, Tensor] = {}
+    attach = []
+    shape = tuple(ids.shape)
+
+    def keep(key):
+        return lambda t: rec.__setitem__(key, hooks.select_positions_of(t, shape, None, None, all_positions=True).clone())
+
+    for layer in range(len(model.bridge.blocks)):
+        for comp, side in hooks.BLOCK_POINTS:
+            hp = hooks.block_point(model.bridge, layer, comp, side)
+            if hp is not None:
+                attach.append((hp, keep((layer, comp, side))))
+    for comp, side in hooks.GLOBAL_POINTS:
+        hp = hooks.global_point(model.bridge, comp, side)
+        if hp is not None:
+            attach.append((hp, keep((None, comp, side))))
+    with torch.no_grad(), hooks.attached(attach):
+        logits = model.run(ids, mask)
+    return rec, logits
+
+
+def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[str, float]:
+    """Each applicable layout's worst relative error on ``layer``'s recorded points (its equations and reads)."""
+    errs: dict[str, float] = {}
+    for lay in layouts.LAYOUTS:
+        need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
+        if any(p not in raw for p in need) or any(p in raw for p in lay.absent):
+            continue
+        norms = {comp: model.block_norms.get((layer, comp)) for comp in ("ln1", "ln2")}
+        if not lay.additive and None in norms.values():
+            continue
+        named = lay.named(raw, SUBLAYERS, has_ln2)
+        worst = [relative_error(predicted, recorded) for _, recorded, predicted in lay.equations(named, norms.get)]
+        worst += [relative_error(raw[p], named[read]) for read, p in lay.read_points(has_ln2).items()]
+        errs[lay.name] = max(worst)
+    return errs
+
+
+def probe(model: Model) -> Architecture:
+    """Measure ``model``'s :class:`Architecture` (and fill ``model.block_norms`` / ``model.final_norm``)."""
+    bridge, cfg = model.bridge, model.bridge.cfg
+    n_layers = len(bridge.blocks)
+    d_model = int(cfg.d_model)
+    d_vocab = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
+    n_ctx = int(cfg.n_ctx)
+
+    # Norms: identified by running them.
+    kinds = set()
+    for layer in range(n_layers):
+        for comp in ("ln1", "ln2", "ln1_post", "ln2_post"):
+            c = hooks.block_component(bridge, layer, comp)
+            if c is not None:
+                spec = identify_norm(c.original_component, d_model, where=f"blocks.{layer}.{comp}")
+                model.block_norms[(layer, comp)] = spec
+                kinds.add(spec.kind)
+    if not kinds:
+        raise UnsupportedModelError(f"{model.name}: no normalisation layers found in its blocks")
+    if len(kinds) > 1:
+        raise UnsupportedModelError(f"{model.name}: blocks mix norm kinds {sorted(kinds)}")
+    ln_final = getattr(bridge, "ln_final", None)
+    if ln_final is not None:
+        model.final_norm = identify_norm(ln_final.original_component, d_model, where="ln_final")
+
+    # One short probe input through the model, every raw point recorded.
+    n = min(6, n_ctx)
+    ids = (torch.arange(n) * 7 + 3)[None] % d_vocab
+    rec, logits = _record_all(model, ids, torch.ones_like(ids, dtype=torch.bool))
+
+    def pt(layer, comp, side):
+        return rec.get((layer, comp, side))
+
+    has_ln2 = hooks.block_component(bridge, 0, "ln2") is not None
+    found = []
+    for layer in range(n_layers):
+        raw = {(comp, side): t for (l, comp, side), t in rec.items() if l == layer}
+        errs = layout_errors(model, layer, raw, has_ln2)
+        ok = [k for k, v in errs.items() if v <= _TOL]
+        if not ok:
+            detail = "; ".join(f"{k}: {v:.1e}" for k, v in errs.items()) or "no hook points to check"
+            raise UnsupportedModelError(
+                f"{model.name}: block {layer} follows none of the update rules streamlens knows "
+                f"({', '.join(lay.name for lay in layouts.LAYOUTS)}); relative error of each: {detail}"
+            )
+        found.append(ok[0])
+    if len(set(found)) > 1:
+        raise UnsupportedModelError(f"{model.name}: blocks follow different update rules: {found}")
+
+    embed, pos = pt(None, "embed", "out"), pt(None, "pos_embed", "out")
+    first = pt(0, "block", "in")
+    embed_is_sum = embed is not None and first is not None and relative_error(embed + (pos if pos is not None else 0), first) <= _TOL
+    last_out, final_in = pt(n_layers - 1, "block", "out"), pt(None, "ln_final", "in")
+    final_reads = last_out is not None and final_in is not None and relative_error(final_in, last_out) <= _TOL
+    unembed_out = pt(None, "unembed", "out")
+    logits_are_unembed = unembed_out is not None and relative_error(unembed_out, logits) <= _TOL
+    w, b = model.unembed_weight()
+
+    n_heads = int(cfg.n_heads)
+    return Architecture(
+        name=type(model.hf).__name__,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or n_heads),
+        d_model=d_model,
+        d_head=int(cfg.d_head),
+        d_mlp=int(cfg.d_mlp) if getattr(cfg, "d_mlp", None) else None,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        norm=kinds.pop(),
+        layout=found[0],
+        positional=str(getattr(cfg, "positional_embedding_type", "unknown")),
+        has_pos_embed=pos is not None,
+        embed_is_sum=embed_is_sum,
+        final_norm=model.final_norm.kind if model.final_norm else None,
+        final_reads_last_resid=final_reads,
+        logits_are_unembed=logits_are_unembed,
+        # The bridge gives a bias-free lm_head an all-zero bias *buffer*; only a learned one counts.
+        unembed_bias=b is not None and (isinstance(model.bridge.unembed.original_component.bias, nn.Parameter)
+                                        or bool(b.abs().max() > 0)),
+        causal=str(getattr(cfg, "attention_dir", "causal")) == "causal",
+    )

@@ -1,0 +1,1 @@
+"""How results look: the result contract, figures, tables and the HTML page."""

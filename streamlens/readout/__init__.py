@@ -1,0 +1,1 @@
+"""The stream read as logits: the unembedding, targets, the exact decomposition and the logit lens."""

@@ -1,0 +1,51 @@
+"""The readout: final norm + unembedding, read in vocabulary chunks, and the check that it is linear.
+
+The logits are ``W_U · ln_final(x) + b_U``. With the final norm's scale held at its recorded value
+the map from the final residual ``x`` to a logit is affine (:mod:`streamlens.model.norms`), which is
+what makes a per-writer split exact. :func:`require_linear_readout` refuses a model where that does
+not hold, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from streamlens.errors import StreamlensError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from streamlens.model.loading import Model
+
+
+def require_linear_readout(model: Model, verb: str) -> None:
+    """Refuse models whose logits are not ``unembed(ln_final(sum of writes))``."""
+    a = model.arch
+    if not a.rule.additive:
+        raise UnsupportedModelError(
+            f"{verb}: {model.name} is post-norm (every block renormalises the residual), so its final residual is "
+            "not a sum of per-layer writes and no per-writer split of its logits is exact"
+        )
+    if model.final_norm is None or not a.final_reads_last_resid:
+        raise UnsupportedModelError(f"{verb}: {model.name}'s final norm does not read the last block's output directly")
+    if not a.logits_are_unembed:
+        raise UnsupportedModelError(
+            f"{verb}: {model.name}'s logits are not unembed(ln_final(x)) (e.g. soft-capped logits), so they are not "
+            "linear in the final norm's output"
+        )
+
+
+def unembed_matrices(model: Model) -> tuple[Float[Tensor, "d_vocab d_model"], Float[Tensor, " d_vocab"]]:
+    """``(W_U, b_U)`` in float32; ``b_U`` is zeros for a bias-free unembedding."""
+    W, bU = model.unembed_weight()
+    W = W.float()
+    return W, (torch.zeros(W.shape[0], device=W.device) if bU is None else bU.float())
+
+
+def vocab_chunks(d_vocab: int, chunk_size: int) -> list[slice]:
+    """Slices of ``chunk_size`` vocabulary rows covering ``0..d_vocab``."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise StreamlensError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return [slice(i, min(i + chunk_size, d_vocab)) for i in range(0, d_vocab, chunk_size)]

@@ -1,0 +1,1 @@
+"""The per-layer report, the demo, and the one-prediction attribution page."""

@@ -1,0 +1,164 @@
+"""Pure tensor functions comparing a clean forward pass with an ablated one.
+
+Every function works position by position on flattened rows ``(n, ...)``; averaging over
+positions and documents, and confidence intervals, are separate (:func:`ratio_bootstrap`).
+
+* ``kl(p || q) = sum_v p_v (log p_v - log q_v)``, ``p`` the clean next-token distribution.
+* ``delta_ce = -log q[target] - (-log p[target])``: how much worse the ablated model predicts the
+  data's own next token (positive = worse).
+* ``top1``: 1 where the ablated argmax equals the clean argmax.
+* ``topk``: ``|topk(p) ∩ topk(q)| / k``.
+* ``angle``: angular distance ``arccos(cos(a, b)) / pi`` in [0, 1] between two residual vectors.
+* ``block_influence``: ``1 - cos(resid_pre, resid_post)`` (Men et al. 2024, "ShortGPT").
+* ``logit_diff``: ``logit[correct] - logit[wrong]``; its retained fraction is ablated / clean.
+
+:func:`row_metrics` computes the metrics a sweep asks for (names in :data:`METRICS`) for one batch's
+selected rows against its clean pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from streamlens.errors import StreamlensError
+
+#: Metric names a user may ask for -> the column they fill ("ce" is delta_ce).
+METRICS = {"kl": "kl", "ce": "delta_ce", "delta_ce": "delta_ce", "top1": "top1", "topk": "topk", "angle": "angle"}
+#: Whether a larger value of a metric means more damage.
+HIGHER_IS_WORSE = {"kl": True, "delta_ce": True, "top1": False, "topk": False, "angle": True}
+
+
+def kl(clean_logp: Float[Tensor, "n vocab"], ablated_logp: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """``KL(clean || ablated)`` per row, from log-probabilities (natural log, nats)."""
+    return (clean_logp.exp() * (clean_logp - ablated_logp)).sum(-1).clamp_min(0.0)
+
+
+def delta_ce(
+    clean_logp: Float[Tensor, "n vocab"], ablated_logp: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"]
+) -> Float[Tensor, " n"]:
+    """Change of cross-entropy on ``targets``: ``-log q[t] + log p[t]`` per row (nats)."""
+    t = targets[:, None]
+    return clean_logp.gather(-1, t)[:, 0] - ablated_logp.gather(-1, t)[:, 0]
+
+
+def top1(clean_logits: Float[Tensor, "n vocab"], ablated_logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """1.0 where the ablated top-1 token equals the clean one, else 0.0."""
+    return (clean_logits.argmax(-1) == ablated_logits.argmax(-1)).float()
+
+
+def topk_overlap(
+    clean_logits: Float[Tensor, "n vocab"], ablated_logits: Float[Tensor, "n vocab"], k: int
+) -> Float[Tensor, " n"]:
+    """``|topk(clean) ∩ topk(ablated)| / k`` per row."""
+    if not isinstance(k, int) or not 1 <= k <= clean_logits.shape[-1]:
+        raise StreamlensError(f"topk k={k!r} must be an int between 1 and the vocabulary size {clean_logits.shape[-1]}")
+    a = clean_logits.topk(k, -1).indices  # (n, k)
+    b = ablated_logits.topk(k, -1).indices
+    return (a[:, :, None] == b[:, None, :]).any(-1).float().mean(-1)
+
+
+def cosine(a: Float[Tensor, "n d"], b: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    """``cos(a, b)`` per row in float64; two zero vectors count as the same direction (1), one zero vector as 0."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    cos = ((a * b).sum(-1) / (na * nb).clamp_min(1e-300)).clamp(-1.0, 1.0)
+    return torch.where((na == 0) & (nb == 0), torch.ones_like(cos), cos)
+
+
+def angle(a: Float[Tensor, "n d"], b: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    """Angular distance ``arccos(cos(a, b)) / pi`` per row (0: same direction, 1: opposite)."""
+    return (torch.arccos(cosine(a, b)) / math.pi).float()
+
+
+def block_influence(resid_pre: Float[Tensor, "n d"], resid_post: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    """ShortGPT's Block Influence ``1 - cos(resid_pre, resid_post)`` per row."""
+    return (1.0 - cosine(resid_pre, resid_post)).float()
+
+
+def logit_diff(logits: Float[Tensor, "n vocab"], correct: Int[Tensor, " n"], wrong: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """``logits[correct] - logits[wrong]`` per row."""
+    return logits.gather(-1, correct[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
+
+
+def resample_indices(n_docs: int, n_boot: int, seed: int) -> Int[Tensor, "n_boot n_docs"]:
+    """Document indices drawn with replacement, one row per bootstrap replicate (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_docs, (n_boot, n_docs), generator=g)
+
+
+def ratio_bootstrap(
+    sums: Float[Tensor, " docs"], counts: Float[Tensor, " docs"], idx: Int[Tensor, "n_boot docs"], level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` of ``sum(sums) / sum(counts)`` with a percentile bootstrap over documents.
+
+    Resampling whole documents keeps the positions of one document together (they are correlated).
+    A replicate with no positions is dropped; with no positions at all the result is NaN.
+    """
+    sums, counts = sums.double(), counts.double()
+    total = counts.sum()
+    if total <= 0:
+        return float("nan"), float("nan"), float("nan")
+    est = float(sums.sum() / total)
+    s, c = sums[idx].sum(-1), counts[idx].sum(-1)  # (n_boot,)
+    keep = c > 0
+    if not bool(keep.any()):
+        return est, float("nan"), float("nan")
+    reps = s[keep] / c[keep]
+    a = (1.0 - level) / 2
+    q = torch.quantile(reps, torch.tensor([a, 1.0 - a], dtype=reps.dtype))
+    return est, float(q[0]), float(q[1])
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation of two equal-length sequences (NaN with fewer than 3 points or no spread)."""
+    from scipy.stats import spearmanr
+
+    x, y = [float(v) for v in x], [float(v) for v in y]
+    if len(x) != len(y):
+        raise StreamlensError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def metric_names(metrics) -> list[str]:
+    """The columns for ``metrics`` (a name or a list of names), checked, without duplicates."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = []
+    for k in metrics:
+        if k not in METRICS:
+            raise StreamlensError(f"unknown metric {k!r}; choose from {sorted(set(METRICS) - {'delta_ce'})}")
+        if METRICS[k] not in names:
+            names.append(METRICS[k])
+    if not names:
+        raise StreamlensError("metrics is empty: choose at least one of kl, ce, top1, topk, angle")
+    return names
+
+
+def row_metrics(clean, lg: Tensor, fin: Tensor, names) -> dict[str, Tensor]:
+    """Each metric of ``names`` per selected row: ablated logits ``lg`` and final residual ``fin`` against ``clean``.
+
+    ``clean`` carries the clean pass of the batch (``logp``, ``top1``, ``top``, ``final``, ``target``,
+    ``has_target``; :class:`streamlens.skip.evaluator.CleanBatch`).
+    """
+    out = {}
+    logq = torch.log_softmax(lg, -1) if ("kl" in names or "delta_ce" in names) else None
+    if "kl" in names:
+        out["kl"] = kl(clean.logp, logq)
+    if "delta_ce" in names:
+        t = clean.has_target
+        out["delta_ce"] = delta_ce(clean.logp[t], logq[t], clean.target[t])
+    if "top1" in names:
+        out["top1"] = (lg.argmax(-1) == clean.top1).float()
+    if "topk" in names:
+        kk = clean.top.shape[1]
+        other = lg.topk(kk, -1).indices
+        out["topk"] = (clean.top[:, :, None] == other[:, None, :]).any(-1).float().mean(-1)
+    if "angle" in names:
+        out["angle"] = angle(clean.final, fin)
+    return out

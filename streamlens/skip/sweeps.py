@@ -1,0 +1,130 @@
+"""Sweeps over units and greedy pruning curves, run on a :class:`~streamlens.LayerSkipEvaluator`; the :class:`SkipSweep` result.
+
+A sweep removes each unit of a kind in turn (every block, sub-layer, head, or span of ``width``
+blocks) and writes one row per unit with every metric and its bootstrap interval; a block sweep adds
+each block's Block Influence and its Spearman correlation with the damage. Rows can be appended to a
+file as they finish and a sweep resumed from it (:mod:`streamlens.skip.rowstore`). Greedy pruning is
+its own verb: step by step, remove the unit whose removal (with those already removed) hurts least.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from streamlens.errors import StreamlensError
+from streamlens.intervene.units import Unit, combine
+from streamlens.present.results import Result, fmt
+from streamlens.skip.rowstore import check_out, read_rows, write_row
+
+
+@dataclass(frozen=True, eq=False)
+class SkipSweep(Result):
+    """The result of a sweep: one row per removed unit (or per pruning step).
+
+    ``table`` columns: ``unit``, ``layer`` / ``head`` / ``start``, ``width`` where they apply, one
+    column per metric and its interval bounds (``kl``, ``kl_lo``, ``kl_hi``, ...), ``n_positions``;
+    block sweeps add ``block_influence``, pruning curves ``step`` and ``removed``.
+    """
+
+    kind: str
+    mode: str
+    metrics: tuple[str, ...]
+    table: pd.DataFrame = field(repr=False)
+    model_name: str = ""
+    n_docs: int = 0
+    strategy: str = "prefix"
+    strategy_reason: str = ""
+    spearman: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        missing = [c for c in ("unit", *self.metrics) if c not in self.table.columns]
+        if missing:
+            raise StreamlensError(f"sweep table lacks columns {missing}")
+
+    def to_dataframe(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    def plot(self, metric: str | None = None):
+        from streamlens.present import figures
+
+        return figures.sweep_figure(self, metric or self.metrics[0])
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model": self.model_name, "kind": self.kind, "mode": self.mode, "metrics": list(self.metrics),
+                "n_docs": self.n_docs, "strategy": self.strategy, "spearman": self.spearman}
+
+    def describe(self) -> str:
+        rho = "".join(f" ρ(BI, {k}) = {fmt(v)};" for k, v in self.spearman.items())
+        return f"{self.kind}, mode {self.mode}, {self.n_docs} documents, {self.strategy} strategy.{rho}"
+
+    def __repr__(self) -> str:
+        return (f"SkipSweep({self.kind}, mode={self.mode!r}, {len(self.table)} rows, metrics={list(self.metrics)}, "
+                f"model={self.model_name!r}, strategy={self.strategy!r})")
+
+
+def unit_columns(u: Unit) -> dict:
+    """The columns that say which unit a row removed."""
+    return {"unit": u.label, **{k: getattr(u, k) for k in ("layer", "head", "start", "width")}}
+
+
+def run_rows(ev, units: list[Unit], mode: str, names: list[str], *, out=None, resume: bool = False,
+             callback=None, desc: str = "skip") -> list[dict]:
+    """One row per unit, in ``units`` order, reusing finished rows from ``out`` when resuming."""
+    from tqdm.auto import tqdm
+
+    done: dict[str, dict] = {}
+    path = None if out is None else check_out(out)
+    if path is not None and path.exists() and path.stat().st_size > 0:
+        if not resume:
+            raise StreamlensError(f"out file {str(path)!r} already exists: pass resume=True to continue it, or remove it")
+        for r in read_rows(path):
+            if r.get("mode") != mode:
+                raise StreamlensError(f"{str(path)!r} holds rows for mode {r.get('mode')!r}, not {mode!r}; use another file")
+            missing = [k for k in names if k not in r]
+            if missing:
+                raise StreamlensError(f"{str(path)!r} lacks metrics {missing}: it was written by another sweep")
+            done[r["unit"]] = r
+    columns = ["unit", "layer", "head", "start", "width", "mode"]
+    columns += [c for k in names for c in (k, f"{k}_lo", f"{k}_hi")] + ["n_positions"]
+    rows = []
+    bar = tqdm(units, desc=desc, unit="unit", disable=not ev.progress)
+    for u in bar:
+        if u.label in done:
+            rows.append({c: done[u.label].get(c) for c in columns})
+            continue
+        row = {**unit_columns(u), "mode": mode, **ev.evaluate(u, mode, names)}
+        row = {c: row.get(c) for c in columns}
+        if path is not None:
+            write_row(path, row, columns)
+        rows.append(row)
+        if callback is not None:
+            callback(row)
+    return rows
+
+
+def greedy_prune(ev, pool: list[Unit], count: int, mode: str, names: list[str], by: str, higher_is_worse: bool):
+    from tqdm.auto import tqdm
+
+    removed: list[Unit] = []
+    rows = [{"step": 0, "unit": "none", "removed": "", **ev.evaluate([], mode, names)}]
+    total = sum(len(pool) - i for i in range(count))
+    bar = tqdm(total=total, desc="prune", unit="eval", disable=not ev.progress)
+    for step in range(1, count + 1):
+        best, best_row = None, None
+        for u in pool:
+            if u in removed:
+                continue
+            r = ev.evaluate(combine(removed + [u]), mode, names)
+            bar.update()
+            score = r[by] if higher_is_worse else -r[by]
+            if best_row is None or (not math.isnan(score) and score < best):
+                best, best_row, best_u = score, r, u
+        removed.append(best_u)
+        rows.append({"step": step, "unit": best_u.label, "removed": "+".join(x.label for x in removed),
+                     "layer": best_u.layer, "head": best_u.head, **best_row})
+    bar.close()
+    return rows
