@@ -42,6 +42,7 @@ def _load(args):
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from streamlens.present.tables import text_table
     from streamlens.stream.trace import trace
 
     model = _load(args)
@@ -49,7 +50,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     tr = trace(model, prompts)
     df = tr.to_dataframe()
     print(model)
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(text_table(df, max_rows=max(40, len(df))))
     print(f"closure error: {tr.closure_error():.2e}")
     if args.out:
         print(f"wrote {tr.save(args.out)}")

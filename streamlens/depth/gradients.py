@@ -46,7 +46,7 @@ from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.intervene.removal import drop_residual_hooks
 from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
-from streamlens.present.results import Result
+from streamlens.present.results import Result, fmt
 from streamlens.stream.inputs import Batch, Inputs, encode
 
 
@@ -174,7 +174,7 @@ class GradientSplit(Result):
     def plot(self):
         from streamlens.present import figures
 
-        return figures.gradient_split_figure(self.to_dataframe(), title=f"Gradient split (loss {self.loss:.4g})")
+        return figures.gradient_split_figure(self.to_dataframe(), title=f"Gradient split (loss {fmt(self.loss)})")
 
     def metadata(self) -> dict[str, Any]:
         return {"loss": self.loss, "dropped": list(self.dropped), "split_error": self.split_error()}
@@ -186,7 +186,7 @@ class GradientSplit(Result):
     def describe(self) -> str:
         b, p = self.mask.shape
         return (f"of {len(self.layers)} layers, batch {b} × {p} positions ({int(self.mask.sum())} counted), loss "
-                f"{self.loss:.4g}, dropped {list(self.dropped)}, split error {self.split_error():.1e}")
+                f"{fmt(self.loss)}, dropped {list(self.dropped)}, split error {self.split_error():.1e}")
 
     def __repr__(self) -> str:
         return f"GradientSplit({self.describe()})"
