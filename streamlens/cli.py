@@ -22,6 +22,9 @@ def _common(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="truncate each document to this many tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the tokenizer's BOS token in front of each text (default: when the tokenizer has one, "
+                        "TransformerLens' convention; --no-prepend-bos tokenizes as plain HuggingFace does)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -47,11 +50,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     model = _load(args)
     prompts = args.prompt or ["The residual stream is the sum of every layer's write."]
-    tr = trace(model, prompts)
+    tr = trace(model, prompts, prepend_bos=args.prepend_bos)
     df = tr.to_dataframe()
     print(model)
     print(text_table(df, max_rows=max(40, len(df))))
-    print(f"closure error: {tr.closure_error():.2e}")
+    print(f"closure error: {tr.closure_error():.2e}; start token prepended: {tr.prepend_bos}")
     if args.out:
         print(f"wrote {tr.save(args.out)}")
     return 0
@@ -88,10 +91,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from streamlens.report import attribution
     from streamlens.stream.inputs import encode
 
+    for flag in ("target", "contrast"):
+        if getattr(args, flag) is not None and not getattr(args, flag):
+            raise StreamlensError(f"--{flag} is empty: give one token, e.g. ' Paris'")
     model = _load(args)
     dec = decompose(model, [args.prompt], args.target, contrast=args.contrast, unit=args.unit,
-                    positions=args.position, progress=False)
-    payload = attribution.attribution_payload(dec, model=model.name, tokens=encode(model, args.prompt).str_tokens[0])
+                    positions=args.position, progress=False, prepend_bos=args.prepend_bos)
+    tokens = encode(model, args.prompt, prepend_bos=args.prepend_bos).str_tokens[0]
+    payload = {**attribution.attribution_payload(dec, model=model.name, tokens=tokens), "prepend_bos": dec.prepend_bos}
     import pandas as pd
 
     table = pd.DataFrame(payload["components"] + [{"name": "bias", "kind": "bias", "value": payload["bias"]}])
@@ -112,7 +119,7 @@ def _cmd_lens(args: argparse.Namespace) -> int:
     model = _load(args)
     positions = None if args.all_positions else [args.position]
     lens = logit_lens(model, args.prompt, target=args.target, positions=positions, k=args.top_k, batch_size=args.batch_size,
-                   progress=False)
+                      progress=False, prepend_bos=args.prepend_bos)
     _emit(lens_table(lens, points=args.points), args.format, args.out)
     return 0
 
@@ -125,7 +132,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     model = _load(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     kw = dict(unit=args.unit, mode=args.mode, metrics=metrics, batch_size=args.batch_size, max_tokens=args.max_tokens,
-              out=args.out, resume=args.resume, progress=True)
+              out=args.out, resume=args.resume, progress=True, prepend_bos=args.prepend_bos)
     if args.width is not None:
         kw["width"] = args.width
     res = skip_sweep(model, texts, **kw)
@@ -140,8 +147,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     texts = _texts(args)
     model = _load(args)
-    res = build_report(model, texts, args.out, prompts=args.prompt, unit=args.unit,
-                            batch_size=args.batch_size, max_tokens=args.max_tokens)
+    res = build_report(model, texts, args.out, prompts=args.prompt, unit=args.unit, batch_size=args.batch_size,
+                       max_tokens=args.max_tokens, prepend_bos=args.prepend_bos, force=args.force)
     _print_summary(res)
     return 0
 
@@ -151,7 +158,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _seed(args)
     res = run_demo(args.model, args.out, n_docs=args.n_docs, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
-                        unit=args.unit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                   unit=args.unit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                   prepend_bos=args.prepend_bos, force=args.force)
     _print_summary(res)
     return 0
 
@@ -162,7 +170,7 @@ def _print_summary(res) -> None:
     print(text_table(res.summary))
     for title, why in res.missing.items():
         print(f"not computed: {title} ({why})")
-    print(f"{len(res.files)} files in {res.out_dir} ({res.wall_s:.1f} s)")
+    print(f"{len(res.files)} files written in {res.out_dir.resolve()} ({res.wall_s:.1f} s)")
     print(f"report: {res.report}")
 
 
@@ -171,9 +179,33 @@ def _cmd_dynamics(args: argparse.Namespace) -> int:
 
     texts = _texts(args)
     model = _load(args)
-    res = dynamics(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens)
-    _emit(res.to_dataframe(), args.format, args.out)
+    res = dynamics(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens, compare_init=args.compare_init,
+                   drop_residual=args.drop_residual, init_seed=args.seed, prepend_bos=args.prepend_bos, progress=False)
+    payload = {**res.metadata(), **({} if res.prepend_bos is None else {"prepend_bos": res.prepend_bos}),
+               res.rows_key: res.to_dataframe()}
+    if args.out and not args.out.endswith((".json", ".csv")):
+        raise StreamlensError(f"--out {args.out!r}: use a .json (table, claims and settings) or .csv (table) file")
+    _emit(res.to_dataframe(), args.format, None, payload)
+    if args.format == "table":
+        from streamlens.present.tables import text_table
+
+        claims = res.claims()
+        print("\nclaims:")
+        print(text_table(claims.drop(columns=["measured"])))
+    if args.out:
+        print(f"wrote {res.save(args.out)}", file=sys.stderr)
     return 0
+
+
+def _layers(text: str) -> list[int]:
+    """``--drop-residual 1,2``: comma-separated layer indices."""
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 1,2; got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one layer, e.g. 1 or 1,2")
+    return out
 
 
 _MODEL_HELP = "a save_pretrained folder, a hub name, or a short name (smollm2-135m)"
@@ -238,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "report", "per-layer attribution report over a data set (HTML + CSV)",
              "streamlens report smollm2-135m --data texts.txt --out report.html", _cmd_report)
     p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
-    p.add_argument("--out", default="report.html", help="the HTML file; CSV/JSON files go next to it")
+    p.add_argument("--out", default="streamlens-report",
+                   help="output folder of its own (default streamlens-report/), or an .html path whose folder holds the rest")
+    p.add_argument("--force", action="store_true", help="overwrite files that an earlier run left in the folder")
     p.add_argument("--prompt", action="append", help="prompts to decompose (default: openings of the texts)")
     p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block", help="what the skip sweep removes")
     _common(p, max_tokens=64)
@@ -247,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
              "streamlens demo --out streamlens-demo", _cmd_demo, model=False)
     p.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
     p.add_argument("--out", default="streamlens-demo", help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite files that an earlier run left in the folder")
     p.add_argument("--n-docs", type=int, default=8, help="passages of the built-in corpus")
     p.add_argument("--n-prompts", type=int, default=4, help="prompts whose predictions are decomposed")
     p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block", help="what the skip sweep removes")
@@ -256,25 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
              "streamlens dynamics smollm2-135m --data texts.txt --out dynamics.csv", _cmd_dynamics)
     p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--out", help="write the table (.csv or .json)")
+    p.add_argument("--out", help="write the table (.csv) or the table with its claims and settings (.json)")
+    p.add_argument("--compare-init", action="store_true", help="add a fresh seeded initialisation of the architecture")
+    p.add_argument("--drop-residual", type=_layers, default=None, metavar="LAYERS",
+                   help="also measure the model without skip connections at these layers (e.g. 1,2)")
     _common(p)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())  # one line, whatever the message held
+    return text[:500] + (" ..." if len(text) > 500 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends in one line on stderr and exit code 1 (``--debug``: the traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _HANDLERS[args.command](args)
-    except StreamlensError as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"streamlens {args.command}: error: {e}", file=sys.stderr)
+        print(f"streamlens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except StreamlensError as e:  # the user's input, named in the message
+        if args.debug:
+            raise
+        print(f"streamlens {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - anything else still ends in one line, with the way to see more
         if args.debug:
             raise
-        print(f"streamlens {args.command}: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        print(f"streamlens {args.command}: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

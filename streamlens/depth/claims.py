@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model, load
 from streamlens.present.results import Result
 from streamlens.stream.engine import capture
-from streamlens.stream.inputs import batches, encode, load_texts
+from streamlens.stream.inputs import (batches, check_max_tokens, check_prepend_bos, encode, load_texts, recorded,
+                                      resolve_bos)
 from streamlens.stream.stats import StatAccumulator
 
 VARIANTS = ("trained", "init", "dropped", "init_dropped")
@@ -60,18 +62,18 @@ VARIANTS = ("trained", "init", "dropped", "init_dropped")
 #: Thresholds behind each verdict of :meth:`Dynamics.claims` (stated there with the claim).
 SMALL_UPDATE = 0.5      # median block_rel_update below this: "each layer is a small refinement"
 HIGHWAY_SHARE = 1.0     # median ‖g_sub‖/‖g_id‖ below this: "the identity path carries most of the gradient"
-NOT_VANISHED = 0.5      # ‖grad at layer 0‖ / ‖grad at last layer‖ above this: "gradient reaches early layers"
+NOT_VANISHED = 0.5      # ‖g‖·‖x‖ at layer 0 / at the last layer above this: "gradient reaches early layers"
 NEAR_IDENTITY = 0.9     # init's median cos(resid_pre, resid_post) above this: "starts near the identity"
 PRESERVED = 0.5         # cos(last resid_post, embedding) above this: "the stream preserves the embedding"
-COLLAPSED = 0.5         # dropped/trained gradient at layer 0 below this: "without skips the gradient collapses"
+COLLAPSED = 0.5         # init_dropped/init ‖g‖·‖x‖ at layer 0 below this: "without skips the gradient collapses"
 
 
 def _forward_stats(model: Model, texts: list[str], *, batch_size: int, max_tokens: int | None,
-                   drop: Sequence[int], bar) -> pd.DataFrame:
+                   drop: Sequence[int], bar, bos: bool) -> pd.DataFrame:
     """StatAccumulator's per-layer statistics plus the embedding cosine, with ``drop`` applied."""
     acc = StatAccumulator()
     for _, chunk in batches(texts, batch_size):
-        batch = encode(model, chunk, max_tokens=max_tokens)
+        batch = encode(model, chunk, max_tokens=max_tokens, prepend_bos=bos)
         emb: dict[str, Tensor] = {}
 
         def on_layer(l, named, mask=batch.mask, emb=emb):
@@ -89,10 +91,10 @@ def _forward_stats(model: Model, texts: list[str], *, batch_size: int, max_token
 
 
 def _gradient_stats(model: Model, texts: list[str], *, batch_size: int, max_tokens: int | None,
-                    drop: Sequence[int], target: int | None, bar) -> pd.DataFrame:
+                    drop: Sequence[int], target: int | None, bar, bos: bool) -> pd.DataFrame:
     acc = StatAccumulator()
     for _, chunk in batches(texts, batch_size):
-        batch = encode(model, chunk, max_tokens=max_tokens)
+        batch = encode(model, chunk, max_tokens=max_tokens, prepend_bos=bos)
         if bool(grad.loss_positions(batch, target).any()):
             split = grad.split_batch(model, batch, target=target, drop=drop)
             stats = grad.position_stats(split)
@@ -121,7 +123,9 @@ def init_copy(model: Model, *, seed: int = 0) -> Model:
         torch.manual_seed(seed)
         hf = type(model.hf)._from_config(cfg, dtype=model.dtype)
     hf = hf.to(model.device).eval()
-    return load(hf, model.tokenizer)
+    with warnings.catch_warnings():  # the fresh model is ours: wrap it in place, no copy
+        warnings.simplefilter("ignore")
+        return load(hf, model.tokenizer, in_place=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +142,8 @@ class Dynamics(Result):
     loss: str
     dropped_layers: tuple[int, ...]
     table: pd.DataFrame = field(repr=False)
+    #: every setting that changes a number (compare_init, drop_residual, max_tokens, prepend_bos, ...)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = set(self.table["variant"]) - set(VARIANTS)
@@ -160,44 +166,66 @@ class Dynamics(Result):
         return self.table.copy()
 
     def claims(self) -> pd.DataFrame:
-        """Each classic claim, the measured number that tests it, the threshold, and whether this model supports it.
+        """Each classic claim, the measured number that tests it, the threshold, whether this model supports it,
+        and (``measured``) what exactly was measured.
 
-        Claims that need a variant that was not measured (``init``, ``dropped``) or gradients
-        (``gradients=False``) are listed with ``supported = None``.
+        Gradient claims use scale-free statistics: a ratio of two gradients at the same layer, or the
+        gradient per unit of stream ``‖∂L/∂resid_pre‖·‖resid_pre‖`` (a norm divides its input gradient by
+        ``‖x‖``, so raw gradient norms at different depths mostly compare stream sizes). The collapse
+        claim compares like with like: the freshly initialised model with and without its skip
+        connections (the setting of the classic argument, which is about training). Claims that need a
+        variant that was not measured, or gradients, are listed with ``supported = None``.
         """
         t = self.variant("trained")
         has = set(self.table.columns)
         rows: list[dict[str, Any]] = []
 
-        def row(claim, statistic, value, threshold, supported):
+        def row(claim, statistic, value, threshold, supported, measured):
             rows.append({"claim": claim, "statistic": statistic, "value": value, "threshold": threshold,
-                         "supported": None if value is None or np.isnan(value) else bool(supported(value))})
+                         "supported": None if value is None or np.isnan(value) else bool(supported(value)),
+                         "measured": measured})
 
+        avg = f"mean over the real positions of the data ({self.loss})"
         row("each layer writes a small refinement of the stream", "median over layers of block_rel_update",
-            float(t["block_rel_update"].median()), f"< {SMALL_UPDATE}", lambda v: v < SMALL_UPDATE)
+            float(t["block_rel_update"].median()), f"< {SMALL_UPDATE}", lambda v: v < SMALL_UPDATE,
+            "‖resid_post − resid_pre‖ / ‖resid_pre‖ per block, mean over real positions, median over the blocks "
+            "of the model as given")
         grads = "grad_full_norm" in has
         ratio = float(t["grad_sub_to_identity"].median()) if grads else None
         row("the skip path carries most of the gradient (gradient highway)",
-            "median over layers of ‖g_post·J_f‖ / ‖g_post‖", ratio, f"< {HIGHWAY_SHARE}", lambda v: v < HIGHWAY_SHARE)
-        reach = float(t["grad_full_norm"].iloc[0] / t["grad_full_norm"].iloc[-1]) if grads else None
-        row("the gradient reaches early layers unattenuated", "‖∂L/∂resid_pre_0‖ / ‖∂L/∂resid_pre_last‖",
-            reach, f"> {NOT_VANISHED}", lambda v: v > NOT_VANISHED)
+            "median over layers of ‖g_post·J_f‖ / ‖g_post‖", ratio, f"< {HIGHWAY_SHARE}", lambda v: v < HIGHWAY_SHARE,
+            "at each layer's input, the part of the loss gradient through the sub-layers over the part through the "
+            f"identity (same layer, so scale-free), {avg}; median over layers")
+        scaled = "grad_stream_scaled" in has
+        reach = float(t["grad_stream_scaled"].iloc[0] / t["grad_stream_scaled"].iloc[-1]) if scaled else None
+        row("the gradient reaches early layers unattenuated",
+            "‖∂L/∂resid_pre‖·‖resid_pre‖ at layer 0 / at the last layer", reach, f"> {NOT_VANISHED}",
+            lambda v: v > NOT_VANISHED,
+            "the gradient per unit of stream, ‖∂L/∂resid_pre‖·‖resid_pre‖ (the loss's response to a relative "
+            "change of the stream, free of the 1/‖x‖ scaling of the norms), " + avg + ", first layer over last")
         init = float(self.variant("init")["cos_pre_post"].median()) if "init" in self.variants else None
         row("a freshly initialised network starts near the identity", "init: median over layers of cos(resid_pre, resid_post)",
-            init, f"> {NEAR_IDENTITY}", lambda v: v > NEAR_IDENTITY)
+            init, f"> {NEAR_IDENTITY}", lambda v: v > NEAR_IDENTITY,
+            "cos(resid_pre, resid_post) per block of a fresh seeded initialisation, mean over real positions, median "
+            "over blocks" + ("" if init is not None else " (not measured: use compare_init=True)"))
         row("the stream preserves the embedding across layers", "cos(resid_post of the last layer, embedding)",
-            float(t["cos_embed"].iloc[-1]), f"> {PRESERVED}", lambda v: v > PRESERVED)
+            float(t["cos_embed"].iloc[-1]), f"> {PRESERVED}", lambda v: v > PRESERVED,
+            "cos(last block's resid_post, block 0's resid_pre) at the same position, mean over real positions")
         row("the stream grows with depth", "mean‖resid_post_last‖ / mean‖resid_pre_0‖",
-            float(t["resid_norm_growth"].iloc[-1]), "> 1", lambda v: v > 1)
-        for base, dropped, when in (("trained", "dropped", "in the model as given"),
-                                    ("init", "init_dropped", "at initialisation")):
-            collapse = None
-            if grads and dropped in self.variants:
-                collapse = float(self.variant(dropped)["grad_full_norm"].iloc[0]
-                                 / self.variant(base)["grad_full_norm"].iloc[0])
-            row(f"without skip connections (removed at {list(self.dropped_layers)}) the gradient to layer 0 "
-                f"collapses, {when}", f"{dropped} / {base} ‖∂L/∂resid_pre_0‖", collapse, f"< {COLLAPSED}",
-                lambda v: v < COLLAPSED)
+            float(t["resid_norm_growth"].iloc[-1]), "> 1", lambda v: v > 1,
+            "mean over real positions of ‖resid_post‖ after the last block over the same for block 0's input")
+        collapse, why = None, ("not measured: needs compare_init=True and drop_residual=[...]; the classic argument "
+                               "is about a network at initialisation, and a trained model with its skips removed is a "
+                               "broken network, not a like-for-like comparison")
+        if scaled and "init_dropped" in self.variants:
+            collapse = float(self.variant("init_dropped")["grad_stream_scaled"].iloc[0]
+                             / self.variant("init")["grad_stream_scaled"].iloc[0])
+            why = (f"the gradient per unit of stream at layer 0, ‖∂L/∂resid_pre_0‖·‖resid_pre_0‖, {avg}, of the "
+                   f"fresh initialisation with skips removed at {list(self.dropped_layers)} over the same "
+                   "initialisation intact (same weights, same seed)")
+        row(f"without skip connections (removed at {list(self.dropped_layers) or '[...]'}) the gradient to layer 0 "
+            "collapses, at initialisation", "init_dropped / init ‖∂L/∂resid_pre_0‖·‖resid_pre_0‖", collapse,
+            f"< {COLLAPSED}", lambda v: v < COLLAPSED, why)
         return pd.DataFrame(rows)
 
     def plot(self):
@@ -209,7 +237,7 @@ class Dynamics(Result):
 
     def metadata(self) -> dict[str, Any]:
         return {"model": self.model_name, "layout": self.layout, "loss": self.loss,
-                "dropped_layers": list(self.dropped_layers),
+                "dropped_layers": list(self.dropped_layers), "settings": dict(self.settings),
                 "claims": json.loads(self.claims().to_json(orient="records"))}
 
     def describe(self) -> str:
@@ -222,6 +250,7 @@ class Dynamics(Result):
                 + self.table.to_html(index=False, float_format=fmt))
 
 
+@recorded
 def dynamics(
     model: Model | Any,
     data: str | Sequence[str],
@@ -234,6 +263,7 @@ def dynamics(
     max_tokens: int | None = 256,
     progress: bool = True,
     gradients: bool = True,
+    prepend_bos: bool | None = None,
 ) -> Dynamics:
     """Measure how the residual stream evolves with depth, forward and backward, over a data set.
 
@@ -248,6 +278,8 @@ def dynamics(
         drop_residual: add the ``"dropped"`` variant: the model with ``x + f(x) → f(x)`` at these layers
             (and, with ``compare_init``, ``"init_dropped"``: the fresh initialisation with them removed).
         progress: show a progress bar.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result and its settings.
 
     Returns:
         A :class:`Dynamics` with one row per variant × layer.
@@ -255,9 +287,9 @@ def dynamics(
     from tqdm.auto import tqdm
 
     model = as_model(model)
-    texts = [data] if isinstance(data, str) else list(data)
-    if not texts:
-        raise StreamlensError("the data set is empty: give at least one text")
+    texts = load_texts(data)  # a data file (streamlens.stream.inputs.is_file) is read; a string is one text
+    max_tokens = check_max_tokens(max_tokens)
+    bos = resolve_bos(model, check_prepend_bos(prepend_bos))
     if gradients:
         grad.check_gradient_model(model)
         target = grad.check_target(model, target)
@@ -275,9 +307,10 @@ def dynamics(
     bar = tqdm(total=len(texts) * len(runs) * (2 if gradients else 1), desc="dynamics", unit="doc", disable=not progress)
     try:
         for name, m, d in runs:
-            df = _forward_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, bar=bar)
+            df = _forward_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, bar=bar, bos=bos)
             if gradients:
-                g = _gradient_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, target=target, bar=bar)
+                g = _gradient_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, target=target,
+                                    bar=bar, bos=bos)
                 df = df.merge(g, on="layer")
             df.insert(0, "variant", name)
             df.insert(2, "dropped", df["layer"].isin(d))
@@ -285,7 +318,11 @@ def dynamics(
     finally:
         bar.close()
     loss = "next-token cross-entropy" if target is None else f"logit of token {target} at the last position"
-    return Dynamics(model.name, model.arch.layout, loss if gradients else "none", drop, pd.concat(frames, ignore_index=True))
+    settings = {"compare_init": compare_init, "drop_residual": list(drop), "init_seed": init_seed, "target": target,
+                "batch_size": batch_size, "max_tokens": max_tokens, "gradients": gradients, "prepend_bos": bos,
+                "n_texts": len(texts)}
+    return Dynamics(model.name, model.arch.layout, loss if gradients else "none", drop, pd.concat(frames, ignore_index=True),
+                    settings)
 
 
 def dynamics_file(model: Model | Any, data: str | Path | Sequence[str], *, out: str | Path | None = None, **kwargs) -> Dynamics:

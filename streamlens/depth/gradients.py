@@ -47,7 +47,7 @@ from streamlens.intervene.removal import drop_residual_hooks
 from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result, fmt
-from streamlens.stream.inputs import Batch, Inputs, encode
+from streamlens.stream.inputs import Batch, Inputs, encode, recorded
 
 
 def check_gradient_model(model: Model) -> None:
@@ -153,6 +153,8 @@ class GradientSplit(Result):
     mask: Bool[Tensor, "batch pos"] = field(repr=False)
     dropped: tuple[int, ...]
     loss: float
+    #: ‖resid_pre‖ per layer and position ``(layer, batch, pos)``: the scale the gradient is measured against
+    stream_norm: Tensor | None = field(default=None, repr=False)
 
     def split_error(self) -> float:
         """``max ‖identity + sublayer − full‖ / max ‖full‖`` over layers and counted positions."""
@@ -216,12 +218,15 @@ def split_batch(model: Model, batch: Batch, *, target: int | None = None, drop: 
             subs.append(g_sub.detach())
     full = torch.stack([g.detach() for g in g_pre])
     identity = torch.stack([torch.zeros_like(g) if l in drop else g.detach() for l, g in enumerate(g_post)])
+    norms = torch.stack([pre[l].detach().float().norm(dim=-1) for l in range(n)])  # (layer, batch, pos)
     return GradientSplit(tuple(range(n)), full, identity, torch.stack(subs), counted.cpu(), tuple(drop),
-                         float(loss.detach()))
+                         float(loss.detach()), norms)
 
 
+@recorded
 def gradient_split(model: Model | object, inputs: Inputs, *, target: int | None = None,
-                   drop_residual: int | Sequence[int] | None = None, max_tokens: int | None = None) -> GradientSplit:
+                   drop_residual: int | Sequence[int] | None = None, max_tokens: int | None = None,
+                   prepend_bos: bool | None = None) -> GradientSplit:
     """Split ``∂L/∂resid_pre`` of every layer into its identity and sub-layer parts, for one batch.
 
     Args:
@@ -231,12 +236,14 @@ def gradient_split(model: Model | object, inputs: Inputs, *, target: int | None 
             last real token is the loss.
         drop_residual: layers whose skip connection is removed (``x + f(x) → f(x)``).
         max_tokens: truncate each input to this many tokens.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
     """
     model = as_model(model)
     check_gradient_model(model)
     drop = check_drop(model, drop_residual)
     target = check_target(model, target)
-    return split_batch(model, encode(model, inputs, max_tokens=max_tokens), target=target, drop=drop)
+    return split_batch(model, encode(model, inputs, max_tokens=max_tokens, prepend_bos=prepend_bos), target=target, drop=drop)
 
 
 def check_target(model: Model, target) -> int | None:
@@ -250,5 +257,10 @@ def check_target(model: Model, target) -> int | None:
 
 def position_stats(split: GradientSplit) -> dict[str, Tensor]:
     """Per-layer, per-position gradient norms ``(layer, batch, pos)`` for the accumulators."""
-    return {"grad_full_norm": split.full.norm(dim=-1), "grad_identity_norm": split.identity.norm(dim=-1),
-            "grad_sublayer_norm": split.sublayer.norm(dim=-1)}
+    out = {"grad_full_norm": split.full.norm(dim=-1), "grad_identity_norm": split.identity.norm(dim=-1),
+           "grad_sublayer_norm": split.sublayer.norm(dim=-1)}
+    if split.stream_norm is not None:
+        # ‖∂L/∂x‖·‖x‖: the gradient per unit of stream (the loss's response to a relative change of x), free of
+        # the 1/‖x‖ that a norm's input gradient carries
+        out["grad_stream_scaled"] = out["grad_full_norm"] * split.stream_norm.to(split.full.device)
+    return out

@@ -6,12 +6,20 @@ points for the duration of one call and removes every one of them in a ``finally
 failed call leaves the model exactly as it was. The component names are the bridge's, the same for
 every architecture it supports: ``blocks[l].{ln1, attn, ln2, mlp, ln1_post, ln2_post}``, ``embed``,
 ``pos_embed``, ``ln_final``, ``unembed``.
+
+Threads: hooks on a module fire for every forward through it, whichever thread runs it, so two
+calls on one model at once would see each other's tensors. Each model therefore has one lock
+(:func:`model_lock`, re-entrant), held by :func:`attached` while its hooks are on and by
+``Model.run`` while the model runs: concurrent calls on one model are serialised (the second waits
+for the first), and each gets exactly the numbers it would get alone. Different models run in parallel.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -75,21 +83,39 @@ def global_point(bridge: nn.Module, component: str, side: str) -> nn.Module | No
     return hook_point(child(bridge, component), side)
 
 
+# every module of a registered model -> that model's lock (weak: a model that is dropped is forgotten)
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+def register_model(root: nn.Module) -> None:
+    """Give ``root`` and each of its sub-modules the model's one lock (see :func:`model_lock`)."""
+    lock = _LOCKS.get(root) or threading.RLock()
+    for m in root.modules():
+        _LOCKS[m] = lock
+
+
+def model_lock(module: nn.Module):
+    """The lock of the model ``module`` belongs to (re-entrant), or a no-op for a module of no registered model."""
+    return _LOCKS.get(module) or nullcontext()
+
+
 @contextmanager
 def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
     """Attach ``fn`` as a forward hook on each module for the duration of the block.
 
     ``fn`` receives the module's output tensor; a non-None return value replaces it (used for
     interventions). Every handle is removed on exit, whether the block ended normally or raised.
+    The model's lock (:func:`model_lock`) is held meanwhile, so no other thread's forward sees these hooks.
     """
     handles = []
-    try:
-        for module, fn in hooks:
-            handles.append(module.register_forward_hook(_wrap(fn)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    with model_lock(hooks[0][0]) if hooks else nullcontext():
+        try:
+            for module, fn in hooks:
+                handles.append(module.register_forward_hook(_wrap(fn)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _wrap(fn: HookFn):

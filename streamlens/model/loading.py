@@ -4,12 +4,30 @@
 plus an :class:`~streamlens.model.probe.Architecture` measured on the model at load time (see
 :mod:`streamlens.model.probe`; the update rules are in :mod:`streamlens.model.layouts`).
 
-Models always run in eval mode: ``load`` switches a model handed over in train mode to eval mode
-with a warning; every streamlens verb refuses a model that was put back into train mode later.
+What ``load`` guarantees, and what every verb checks before it runs (:meth:`Model.require_eval`):
+
+* **Your model is not changed.** A HuggingFace model handed over in memory (``load(hf_model, tok)``)
+  is deep-copied first: wrapping turns its sub-modules into bridge components and switches its
+  attention to the eager implementation, so streamlens works on the copy and your model keeps its
+  modules, attention implementation and outputs. ``in_place=True`` wraps it in place instead (no
+  second copy of the weights, with a warning saying what changes).
+* **Raw weights only.** A ``TransformerBridge`` in compatibility mode (layer norms folded, weights
+  centred: ``enable_compatibility_mode()``) is refused: its per-component values differ from the raw
+  model's, and every streamlens number is defined on the raw model.
+* **Real tensors.** A model with parameters on the ``meta`` device (no data) is refused.
+* **Eval mode.** ``load`` switches a model handed over in train mode to eval mode with a warning;
+  every verb refuses a model any of whose sub-modules was put back into train mode (naming it).
+* **Finite values.** Every forward (:meth:`Model.run`) checks each block's output and the logits
+  (one ``isfinite`` reduction per block, one synchronisation per forward) and raises an error naming
+  the first layer whose output is not finite.
+* **One call at a time.** Each model has a lock (:func:`streamlens.model.hooks.model_lock`) held while
+  streamlens' hooks are attached and the model runs: calls on one model from several threads are
+  serialised (each waits for the other), so each gets the numbers it would get alone.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import warnings
@@ -20,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from streamlens.errors import StreamlensError, UnsupportedModelError
-from streamlens.model import affine
+from streamlens.model import affine, hooks
 from streamlens.model.norms import NormSpec
 from streamlens.model.probe import probe
 
@@ -37,8 +55,16 @@ class Model:
     """
 
     def __init__(self, bridge: nn.Module, *, name: str | None = None):
+        if getattr(bridge, "compatibility_mode", False):
+            raise UnsupportedModelError(
+                "this TransformerBridge is in compatibility mode (layer norms folded, weights centred), so per-component "
+                "values differ from the raw model's; streamlens measures the raw model: load it without "
+                "enable_compatibility_mode()"
+            )
         self.bridge = bridge
         self.hf = bridge.original_model
+        hooks.register_model(bridge)
+        _refuse_meta(bridge, name or type(bridge.original_model).__name__)
         self.tokenizer = bridge.tokenizer
         self.name = name or str(getattr(bridge.cfg, "model_name", type(self.hf).__name__))
         if self.hf.training:
@@ -64,16 +90,22 @@ class Model:
         return next(self.hf.parameters()).dtype
 
     def require_eval(self) -> None:
-        """Refuse to run a model that was put into train mode after loading (dropout would add noise)."""
-        if self.hf.training or self.bridge.training:
-            raise StreamlensError(
-                f"{self.name} is in train mode (dropout on), which makes every result noisy; call model.eval() first"
-            )
+        """Refuse a model that cannot give its own numbers now: any sub-module in train mode (dropout would add
+        noise), or parameters moved to the ``meta`` device."""
+        for module in (self.hf, self.bridge):  # the HuggingFace names first: they are the ones a user knows
+            name = next((n or "the whole model" for n, m in module.named_modules() if m.training), None)
+            if name is not None:
+                raise StreamlensError(
+                    f"{self.name} is (partly) in train mode (dropout on), which makes every result noisy: {name!r} "
+                    "is in train mode; call model.eval() first"
+                )
+        _refuse_meta(self.bridge, self.name)
 
     def check_layer(self, layer: int) -> int:
+        from streamlens.stream.inputs import as_int
+
         n = self.arch.n_layers
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise StreamlensError(f"layer must be an int, got {layer!r}")
+        layer = as_int(layer, "layer")
         if not -n <= layer < n:
             raise StreamlensError(f"layer {layer} is out of range for a {n}-layer model")
         return layer % n
@@ -81,8 +113,12 @@ class Model:
     def check_layers(self, layers) -> tuple[int, ...]:
         if layers is None:
             return tuple(range(self.arch.n_layers))
-        if isinstance(layers, int):
+        from streamlens.stream.inputs import is_int_like
+
+        if is_int_like(layers):
             layers = [layers]
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise StreamlensError(f"layers must be an int, a list of ints or None, got {layers!r}")
         out = sorted({self.check_layer(l) for l in layers})
         if not out:
             raise StreamlensError("layers is empty: choose at least one layer")
@@ -93,8 +129,24 @@ class Model:
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device).long()}
         if "use_cache" in self._forward_kwargs:
             kwargs["use_cache"] = False
-        out = self.hf(**kwargs)
-        return out.logits if hasattr(out, "logits") else out[0]
+        finite: list[tuple[int, Tensor]] = []  # (layer, all finite?) per block, checked once after the forward
+        watch = [(hp, lambda t, l=l: finite.append((l, torch.isfinite(t).all())))
+                 for l in range(self.arch.n_layers) if (hp := hooks.block_point(self.bridge, l, "block", "out")) is not None] \
+            if hasattr(self, "arch") else []
+        with hooks.model_lock(self.bridge), hooks.attached(watch):
+            out = self.hf(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        ok = torch.isfinite(logits).all()
+        if finite:
+            ok = ok & torch.stack([f for _, f in finite]).all()
+        if not bool(ok):
+            bad = [l for l, f in finite if not bool(f)]
+            where = f"the output of layer {min(bad)} (block {min(bad)} of {self.arch.n_layers})" if bad else "the logits"
+            raise StreamlensError(
+                f"{self.name} produced non-finite values (NaN or inf), first in {where}: check the weights of that layer "
+                "and the dtype (float16 overflows)"
+            )
+        return logits
 
     # ------------------------------------------------------------------ weights
     def unembed_weight(self) -> tuple[Tensor, Tensor | None]:
@@ -122,6 +174,32 @@ class Model:
 
 
 # ---------------------------------------------------------------------- loading
+def _refuse_meta(module: nn.Module, name: str) -> None:
+    meta = next((n for n, p in module.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise StreamlensError(f"{name} has parameters on the 'meta' device (no data), e.g. {meta!r}: "
+                              "load real weights (or move the model to 'cpu'/'cuda' with its weights) first")
+
+
+def _check_device(device) -> None:
+    """Refuse a device this torch build cannot use, before anything loads."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise StreamlensError(f"unknown device {device!r} ({str(e).splitlines()[0]})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StreamlensError(f"device {device!r} asked for, but this torch build ({torch.__version__}) sees no CUDA "
+                              "GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StreamlensError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise StreamlensError(f"device {device!r} asked for, but MPS is not available here")
+    if dev.type == "meta":
+        raise StreamlensError("device 'meta' holds no data: streamlens needs real tensors")
+
+
 def _parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -132,7 +210,8 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     return names[dtype]
 
 
-def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | None = None, dtype=None) -> Model:
+def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | None = None, dtype=None,
+         in_place: bool = False) -> Model:
     """Load a model into a streamlens :class:`Model`.
 
     Args:
@@ -143,21 +222,31 @@ def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | Non
         tokenizer: the tokenizer for an in-memory HuggingFace model.
         device: ``"cpu"``, ``"cuda"``, ... (default: CPU).
         dtype: ``torch.float32`` (default), ``"bfloat16"``, ...
+        in_place: for a HuggingFace model passed in memory: wrap it in place instead of a deep copy.
 
-    A HuggingFace model passed in memory is wrapped *in place* (its sub-modules become bridge
-    components); its outputs do not change.
+    A HuggingFace model passed in memory is deep-copied (with its tokenizer) and the copy is wrapped:
+    wrapping turns sub-modules into bridge components and switches attention to the eager
+    implementation, which would change your model. ``in_place=True`` saves the copy's memory and
+    warns that your model is being rewired.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     from streamlens.model import zoo
 
     torch_dtype = _parse_dtype(dtype)
+    _check_device(device)
     if isinstance(source, Model):
         return source
     if isinstance(source, TransformerBridge):
         return Model(source)
     if isinstance(source, nn.Module) and hasattr(source, "config"):
         name = getattr(source.config, "_name_or_path", "") or type(source).__name__
+        _refuse_meta(source, name)
+        if in_place:
+            warnings.warn(f"load(..., in_place=True) rewires {name} in place: its sub-modules become bridge components "
+                          "and its attention switches to the eager implementation", stacklevel=2)
+        else:
+            source, tokenizer = copy.deepcopy(source), copy.deepcopy(tokenizer)
         bridge = TransformerBridge.boot_transformers(
             name, hf_model=source, tokenizer=tokenizer, device=device, **({"dtype": torch_dtype} if torch_dtype else {})
         )

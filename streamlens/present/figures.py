@@ -62,7 +62,10 @@ def decomposition_figure(dec):
         heads = df[df["kind"] == "head"].groupby(["layer", "head"])["value"].mean().unstack("head")
         fig = go.Figure(go.Heatmap(z=heads.values, x=[f"H{h}" for h in heads.columns], y=[f"L{l}" for l in heads.index],
                                    colorscale="RdBu", zmid=0, colorbar=dict(title="mean value")))
-        return fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer")
+        # the grid holds the heads only: say what is left out, so no one reads it as the whole model
+        left_out = sorted(set(df["kind"]) - {"head"})
+        return fig.update_layout(title=f"{title}: attention heads only; MLPs and the other writers ({', '.join(left_out)}) "
+                                       "are left out (see unit='layer')", xaxis_title="head", yaxis_title="layer")
     if dec.values.shape[2] > 1:
         grid = df.groupby(["component", "sel"], sort=False)["value"].mean().unstack("sel")
         fig = go.Figure(go.Heatmap(z=grid.values, x=[f"sel {s}" for s in grid.columns], y=list(grid.index),

@@ -74,6 +74,11 @@ class Result:
     rows_key: ClassVar[str] = "rows"
     #: Rows shown in Jupyter.
     html_rows: ClassVar[int] = 40
+    #: Whether a BOS token was put in front of each text (None: not recorded, or it varied), and the token
+    #: ids (one tuple per sequence, no padding) the numbers were computed on; set by the verb that made the
+    #: result (:func:`streamlens.stream.inputs.recorded`) and saved in ``.json`` / ``.pt`` files.
+    prepend_bos: ClassVar[bool | None] = None
+    token_ids: ClassVar[tuple[tuple[int, ...], ...] | None] = None
 
     def to_dataframe(self) -> pd.DataFrame:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -88,6 +93,12 @@ class Result:
     def metadata(self) -> dict[str, Any]:
         """What the numbers were computed from (written into ``.json`` and ``.pt`` files)."""
         return {}
+
+    def inputs(self) -> dict[str, Any]:
+        """The start-token choice and the token ids behind the numbers (empty where not recorded)."""
+        if self.token_ids is None:
+            return {}
+        return {"prepend_bos": self.prepend_bos, "token_ids": [list(t) for t in self.token_ids]}
 
     def tensors(self) -> dict[str, Any] | None:
         """The raw tensors for ``.pt`` files (None: this result has no tensors to save)."""
@@ -114,13 +125,13 @@ class Result:
             self.to_dataframe().to_json(path, orient="records", lines=True)
         elif suffix == ".json":
             rows = json.loads(self.to_dataframe().to_json(orient="records"))
-            path.write_text(json.dumps(jsonable({**self.metadata(), self.rows_key: rows}), indent=2))
+            path.write_text(json.dumps(jsonable({**self.metadata(), **self.inputs(), self.rows_key: rows}), indent=2))
         elif suffix == ".html":
             self.plot().write_html(path, include_plotlyjs=True)
         else:
             import torch
 
-            torch.save({**self.metadata(), **self.tensors()}, path)
+            torch.save({**self.metadata(), **self.inputs(), **self.tensors()}, path)
         return path
 
     def _repr_html_(self) -> str:

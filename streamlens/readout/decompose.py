@@ -48,7 +48,7 @@ from streamlens.readout.neurons import neuron_values, split_neurons
 from streamlens.readout.targets import Target, readout, readouts, resolve
 from streamlens.readout.unembed import require_linear_readout
 from streamlens.stream.engine import capture
-from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, select_positions
+from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
 UNITS = ("layer", "head", "neuron")
 
@@ -274,6 +274,7 @@ def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, ch
 
 
 # ---------------------------------------------------------------------------- the verb
+@recorded
 def decompose(
     model: Model | Any,
     inputs: Inputs,
@@ -288,6 +289,7 @@ def decompose(
     chunk_size: int = 4096,
     progress: bool = True,
     position: Positions = None,
+    prepend_bos: bool | None = None,
 ) -> LogitDecomposition:
     """Split the model's logit for ``target`` exactly into one contribution per residual-stream writer.
 
@@ -309,6 +311,8 @@ def decompose(
         batch_size: prompts per forward pass.
         chunk_size: vocabulary rows per step for ``target="vocab"``.
         progress: show a progress bar over batches.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
         position: the former name of ``positions`` (deprecated).
 
     Returns:
@@ -345,7 +349,7 @@ def decompose(
         raise StreamlensError(f"layers= chooses MLP layers for unit='neuron'; with unit={unit!r} every layer is included")
     parts, pos_all = [], []
     for start, chunk in tqdm(chunks, desc="decompose", unit="batch", disable=not progress):
-        batch = encode(model, chunk)
+        batch = encode(model, chunk, prepend_bos=prepend_bos)
         pos_idx, valid = select_positions(batch, positions)
         if not bool(valid.all()):
             raise StreamlensError(f"positions {positions!r} selects a different number of real tokens per prompt; "

@@ -31,7 +31,7 @@ from streamlens.present.results import Result
 from streamlens.readout.targets import target_ids
 from streamlens.readout.unembed import require_linear_readout, unembed_matrices, vocab_chunks
 from streamlens.stream.engine import capture
-from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, select_positions
+from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +147,7 @@ def _lens_batch(model: Model, batch, pos_idx, target_ids, k: int, chunk_size: in
     return out
 
 
+@recorded
 def logit_lens(
     model: Model | Any,
     inputs: Inputs,
@@ -157,6 +158,7 @@ def logit_lens(
     batch_size: int = 8,
     chunk_size: int = 4096,
     progress: bool = True,
+    prepend_bos: bool | None = None,
 ) -> LogitLens:
     """Push every layer's ``resid_pre``, ``resid_mid`` and ``resid_post`` through the final norm and unembedding.
 
@@ -169,6 +171,8 @@ def logit_lens(
         k: how many top tokens to keep per point.
         chunk_size: vocabulary rows per step.
         progress: show a progress bar over batches.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
     """
     from tqdm.auto import tqdm
 
@@ -181,7 +185,7 @@ def logit_lens(
     tids = target_ids(model, target, len(items))
     outs, pos, masks, strs = [], [], [], []
     for start, chunk in tqdm(chunks, desc="logit_lens", unit="batch", disable=not progress):
-        batch = encode(model, chunk)
+        batch = encode(model, chunk, prepend_bos=prepend_bos)
         idx, mask = select_positions(batch, positions)
         outs.append(_lens_batch(model, batch, idx, None if tids is None else tids[start:start + len(batch)], k, chunk_size))
         pos.append(idx), masks.append(mask), strs.extend(batch.str_tokens)

@@ -66,6 +66,8 @@ def token_id(model, token, *, what: str = "target") -> int:
         if model.tokenizer is None:
             raise StreamlensError(f"this model has no tokenizer: give the {what} {token!r} as a token id")
         ids = list(model.tokenizer(token, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise StreamlensError(f"{what} {token!r} is empty: it tokenizes into no token; give one token, e.g. ' Paris'")
         if len(ids) != 1:
             pieces = [model.tokenizer.decode([i]) for i in ids]
             raise StreamlensError(

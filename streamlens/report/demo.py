@@ -53,7 +53,7 @@ def demo_corpus(n_docs: int = 8, *, min_chars: int = 300) -> list[str]:
 def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo", *, n_docs: int = 8,
              max_tokens: int = 64, n_prompts: int = 4, unit: str = "block", batch_size: int = 8,
              gradients: bool = True, device: str | None = None, dtype: str | None = None,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, prepend_bos: bool | None = None, force: bool = False) -> DemoResult:
     """The README's main command: load ``model``, analyse the built-in corpus, write ``out_dir/report.html``.
 
     Args:
@@ -64,6 +64,8 @@ def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo
         n_prompts: prompts (passage openings) whose next-token predictions are decomposed.
         unit: what the skip sweep removes (``"block"``, ``"attn"``, ``"mlp"``, ...).
         gradients: also measure the gradient split in the dynamics section (one backward pass per batch).
+        prepend_bos: the start-token choice of every verb (:mod:`streamlens.stream.inputs`), recorded in the report.
+        force: overwrite files an earlier run left in ``out_dir`` (refused otherwise, before any work).
     """
     from streamlens.model.loading import Model, load
 
@@ -72,6 +74,6 @@ def run_demo(model: Any = "smollm2-135m", out_dir: str | Path = "streamlens-demo
     texts = demo_corpus(n_docs)
     res = build_report(m, texts, Path(out_dir) / "report.html", title=f"streamlens demo: {m.name}",
                        n_prompts=n_prompts, unit=unit, batch_size=batch_size, max_tokens=max_tokens,
-                       gradients=gradients, progress=progress)
+                       gradients=gradients, progress=progress, prepend_bos=prepend_bos, force=force)
     res.wall_s = time.perf_counter() - t0
     return res

@@ -49,7 +49,7 @@ from streamlens.model.loading import Model, as_model
 from streamlens.skip.metrics import (HIGHER_IS_WORSE, METRICS, block_influence, metric_names, ratio_bootstrap,
                                      resample_indices, row_metrics, spearman)
 from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows
-from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask
+from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask, recorded
 
 
 @dataclass(eq=False)
@@ -88,11 +88,14 @@ class LayerSkipEvaluator:
         strategy: how removals are executed: ``"auto"`` (prefix reuse where it reproduces the model),
             ``"prefix"`` or ``"naive"`` (one full forward per unit). ``path=`` is its former name.
         field: the text field of a JSONL file.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
     """
 
     def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
                  topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
-                 strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None):
+                 strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None,
+                 prepend_bos: bool | None = None):
         self.model: Model = as_model(model)
         strategy = _renamed(path, strategy)
         if strategy not in STRATEGIES:
@@ -114,7 +117,7 @@ class LayerSkipEvaluator:
         self._bi = torch.zeros(self.model.arch.n_layers, self.n_docs, dtype=torch.float64)
         self._count = torch.zeros(self.n_docs, 2, dtype=torch.float64)
         for lo, chunk in batches(docs, batch_size):
-            batch = encode(self.model, chunk, max_tokens=max_tokens)
+            batch = encode(self.model, chunk, max_tokens=max_tokens, prepend_bos=prepend_bos)
             mine = positions[lo: lo + len(chunk)] if isinstance(positions, Tensor) else positions
             self.batches.append((lo, self._clean(batch, position_mask(batch, mine), lo)))
         if self._count[:, 0].sum() == 0:
@@ -331,6 +334,7 @@ class LayerSkipEvaluator:
                          self.strategy_reason)
 
 
+@recorded
 def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                width=None, out=None, resume: bool = False, callback=None, prune: int | None = None,
                **evaluator_kwargs) -> SkipSweep:
@@ -346,6 +350,7 @@ def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequen
     return ev.sweep(unit, mode=mode, metrics=metrics, width=width, out=out, resume=resume, callback=callback)
 
 
+@recorded
 def prune_sweep(model, data, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
                 metrics: Sequence[str] = ("kl", "ce", "top1"), **evaluator_kwargs) -> SkipSweep:
     """Greedy pruning curve (:meth:`LayerSkipEvaluator.prune`): ``count`` steps, each removing the unit that

@@ -49,6 +49,18 @@ _GLOBAL_POINTS = (("embed", "out", "embed"), ("pos_embed", "out", "pos_embed"),
 Store = Callable[[Tensor], Tensor]
 
 
+def check_finite(t: Tensor, what: str) -> Tensor:
+    """``t`` if every value is finite; else an error naming ``what`` (one reduction, one synchronisation).
+
+    ``Model.run`` already checks each block's output and the logits of every forward (naming the first
+    layer that is not finite); this is for tensors computed outside it, e.g. logits of a replayed removal:
+    ``check_finite(logits, f"the logits with {unit} removed")``.
+    """
+    if not bool(torch.isfinite(t).all()):
+        raise StreamlensError(f"non-finite values (NaN or inf) in {what}: no metric is computed from them")
+    return t
+
+
 def check_sublayers(sublayers) -> tuple[str, ...]:
     if isinstance(sublayers, str):
         sublayers = (sublayers,)

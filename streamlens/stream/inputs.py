@@ -4,6 +4,25 @@ Inputs: a string (one text), a list of strings, token ids (an integer tensor ``(
 ``(batch, pos)``, or a list of lists of ints). Data sets (:func:`load_texts`): a list of texts, or a
 ``.txt`` file (one document per line) or ``.jsonl`` file (a ``"text"`` field per line).
 
+**Files or texts, one rule for every verb** (:func:`is_file`): a ``pathlib.Path`` (any
+``os.PathLike``), or a string that ends in ``.txt`` or ``.jsonl`` and has no line break, is a data
+file and is read with :func:`load_texts`; anything else is text. So ``trace(model, "t.txt")``,
+``trace_stats(model, "t.txt")``, ``dynamics(model, "t.txt")`` and ``skip_sweep(model, "t.txt")`` all
+read the file, and a missing file is an error, never a one-line document.
+
+**The start token** (``prepend_bos``, a keyword of every verb and ``--prepend-bos/--no-prepend-bos``
+on the command line): ``None`` (the default) prepends the tokenizer's BOS token when it has one,
+which is TransformerLens' convention and what streamlens has always done (SmolLM2: ``<|im_start|>``,
+GPT-2: ``<|endoftext|>``); ``False`` tokenizes as plain HuggingFace does without it (for SmolLM2 and
+GPT-2, ``tokenizer(text, add_special_tokens=False)``); ``True`` insists on it (an error for a
+tokenizer without a BOS token). Token ids are used as given unless ``prepend_bos=True``. The choice
+changes the numbers, so every result records it (``result.prepend_bos``) with the token ids it was
+computed on (``result.token_ids``), and saves both in its ``.json`` file.
+
+**Numbers**: token ids, positions, layers and sizes accept integer-like values (``int``,
+``np.int64``, a 0-d integer tensor) and refuse floats and bools with a message naming the value
+(:func:`as_int`); ``max_tokens`` must be a positive int or None.
+
 Positions (one vocabulary for every verb, :func:`select_positions`): ``None`` (every real token),
 ``"last"``, an int or a list of ints (negative ints count back from each sequence's last real token),
 a ``slice`` of absolute positions, or a boolean mask ``(batch, pos)``.
@@ -16,18 +35,20 @@ every statistic through ``Batch.mask``.
 
 from __future__ import annotations
 
-import json
-import os
+import contextvars
+import functools
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
+from streamlens.stream.data import is_file, load_texts
 
 if TYPE_CHECKING:
     from streamlens.model.loading import Model
@@ -42,6 +63,7 @@ class Batch:
     input_ids: Int[Tensor, "batch pos"]
     mask: Bool[Tensor, "batch pos"]
     str_tokens: tuple[tuple[str, ...], ...]
+    prepend_bos: bool = False  # whether a BOS token was put in front of each text
 
     @property
     def lengths(self) -> Int[Tensor, " batch"]:
@@ -65,14 +87,111 @@ def _str_tokens(tokenizer, ids: Sequence[int]) -> tuple[str, ...]:
     return tuple(tokenizer.decode([int(i)]) for i in ids)
 
 
-def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None) -> Batch:
+def as_int(value, what: str) -> int:
+    """``value`` as an int if it is integer-like (``int``, ``np.int64``, a 0-d integer tensor); else an error
+    naming ``what`` and the value. Floats (even ``2.0``) and bools are refused: they are never meant as indices."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise StreamlensError(f"{what} must be an int, got {value!r}")
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_floating_point:
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise StreamlensError(f"{what} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
+def is_int_like(value) -> bool:
+    try:
+        as_int(value, "")
+        return True
+    except StreamlensError:
+        return False
+
+
+def check_max_tokens(max_tokens) -> int | None:
+    """``max_tokens`` as a positive int, or None (keep every token)."""
+    if max_tokens is None:
+        return None
+    n = as_int(max_tokens, "max_tokens")
+    if n < 1:
+        raise StreamlensError(f"max_tokens must be a positive int (or None for every token), got {max_tokens!r}")
+    return n
+
+
+def check_prepend_bos(prepend_bos) -> bool | None:
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise StreamlensError(f"prepend_bos must be True, False or None (the default), got {prepend_bos!r}")
+    return prepend_bos
+
+
+def resolve_bos(model: "Model", prepend_bos: bool | None) -> bool:
+    """The start-token choice for texts: ``prepend_bos``, or (None) whether the tokenizer has a BOS token."""
+    return (_bos_id(model.tokenizer) is not None) if prepend_bos is None else prepend_bos
+
+
+def _bos_id(tokenizer) -> int | None:
+    v = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    return v if isinstance(v, int) else None
+
+
+def _tokenize(tokenizer, text: str, prepend_bos: bool | None) -> tuple[list[int], bool]:
+    """Token ids of ``text`` and whether a BOS token was put in front (see the module docstring)."""
+    bos = _bos_id(tokenizer)
+    ids = list(tokenizer(text)["input_ids"])
+    if prepend_bos is None:
+        prepend_bos = bos is not None
+    if prepend_bos:
+        if bos is None:
+            raise StreamlensError("prepend_bos=True, but this model's tokenizer has no BOS token")
+        return (ids if ids and ids[0] == bos else [bos, *ids]), True
+    if bos is not None and ids and ids[0] == bos:
+        plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not plain or plain[0] != bos:  # the tokenizer added it (a text may itself start with the BOS string)
+            ids = ids[1:]
+    return ids, False
+
+
+# One recorder per running verb (a context variable, so threads and nested verbs each keep their own).
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("streamlens_inputs", default=None)
+
+
+def recorded(verb):
+    """Decorate a verb so the result it returns records its start-token choice and the token ids it saw.
+
+    Every :func:`encode` call made while the verb runs adds its sequences (without padding) to the
+    result's ``token_ids``; ``prepend_bos`` is the resolved choice (True, False, or None where it varied).
+    """
+    @functools.wraps(verb)
+    def run(*args, **kwargs):
+        seen: list = []
+        token = _RECORDER.set(seen)
+        try:
+            result = verb(*args, **kwargs)
+        finally:
+            _RECORDER.reset(token)
+        if hasattr(result, "__dict__") and seen:
+            flags = {bos for bos, _ in seen}
+            object.__setattr__(result, "prepend_bos", flags.pop() if len(flags) == 1 else None)
+            object.__setattr__(result, "token_ids", tuple(ids for _, rows in seen for ids in rows))
+        return result
+
+    return run
+
+
+def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None, prepend_bos: bool | None = None) -> Batch:
     """Tokenize and check ``inputs`` for ``model``; pad on the right.
 
     ``max_tokens`` truncates each sequence (used for data sets); without it, a sequence longer
-    than the model's context is an error.
+    than the model's context is an error. ``prepend_bos``: the start token (module docstring).
+    A data file (:func:`is_file`) is read with :func:`load_texts`.
     """
     tokenizer = model.tokenizer
+    max_tokens = check_max_tokens(max_tokens)
+    check_prepend_bos(prepend_bos)
     seqs: list[list[int]]
+    added = False
+    if is_file(inputs):
+        inputs = load_texts(inputs)
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, Tensor):
@@ -83,7 +202,7 @@ def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None) -> 
         if inputs.dim() != 2:
             raise StreamlensError(f"token ids must have shape (pos,) or (batch, pos), got {tuple(inputs.shape)}")
         seqs = [row.tolist() for row in inputs]
-    elif isinstance(inputs, Sequence):
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, str):
         if len(inputs) == 0:
             raise StreamlensError("no inputs: got an empty list")
         if all(isinstance(x, str) for x in inputs):
@@ -93,9 +212,10 @@ def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None) -> 
             for i, text in enumerate(inputs):
                 if not text.strip():
                     raise StreamlensError(f"input {i} is empty ({text!r}): give at least one token of text")
-                seqs.append(list(tokenizer(text)["input_ids"]))
-        elif all(isinstance(x, Sequence) and not isinstance(x, str) for x in inputs):
-            seqs = [[int(t) for t in x] for x in inputs]
+                ids, added = _tokenize(tokenizer, text, prepend_bos)
+                seqs.append(ids)
+        elif all(isinstance(x, (Sequence, Tensor, np.ndarray)) and not isinstance(x, str) for x in inputs):
+            seqs = [[as_int(t, f"token id {t!r} of input {i}") for t in x] for i, x in enumerate(inputs)]
         else:
             raise StreamlensError(
                 "inputs must be a string, a list of strings, or token ids; "
@@ -103,6 +223,12 @@ def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None) -> 
             )
     else:
         raise StreamlensError(f"inputs must be a string, a list of strings, or token ids; got {type(inputs).__name__}")
+    if prepend_bos and not added:  # token ids with prepend_bos=True
+        bos = _bos_id(tokenizer)
+        if bos is None:
+            raise StreamlensError("prepend_bos=True, but this model's tokenizer has no BOS token")
+        seqs = [s if s and s[0] == bos else [bos, *s] for s in seqs]
+        added = True
 
     n_ctx, d_vocab = model.arch.n_ctx, model.arch.d_vocab
     for i, ids in enumerate(seqs):
@@ -127,7 +253,10 @@ def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None) -> 
     for i, s in enumerate(seqs):
         ids_t[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = True
-    return Batch(ids_t, mask, tuple(_str_tokens(tokenizer, s) for s in seqs))
+    rec = _RECORDER.get()
+    if rec is not None:
+        rec.append((added, [tuple(s) for s in seqs]))
+    return Batch(ids_t, mask, tuple(_str_tokens(tokenizer, s) for s in seqs), added)
 
 
 Positions = Union[None, str, int, Sequence[int], slice, Tensor]
@@ -169,15 +298,17 @@ def select_positions(batch: Batch, positions: Positions) -> tuple[Int[Tensor, "b
             raise StreamlensError(f"positions must be None, 'last', an int, a list of ints, a slice or a boolean "
                                   f"mask; got {positions!r}")
         positions = [-1]
-    if isinstance(positions, int):
+    if is_int_like(positions):
         positions = [positions]
+    if not isinstance(positions, (Sequence, Tensor, np.ndarray)):
+        raise StreamlensError(f"positions must be None, 'last', an int, a list of ints, a slice or a boolean "
+                              f"mask; got {positions!r}")
     positions = list(positions)
     if not positions:
         raise StreamlensError("positions is an empty list: choose at least one position")
     idx = torch.empty((n, len(positions)), dtype=torch.long)
     for j, p in enumerate(positions):
-        if not isinstance(p, int):
-            raise StreamlensError(f"positions must be ints, got {p!r}")
+        p = as_int(p, "a position")
         absolute = lengths + p if p < 0 else torch.full((n,), p)
         bad = ((absolute < 0) | (absolute >= lengths)).nonzero()
         if len(bad):
@@ -207,6 +338,8 @@ def check_batch_size(batch_size) -> int:
 
 def as_sequences(inputs: Inputs) -> Sequence:
     """``inputs`` as a sequence of items (texts or id rows): one string or one 1-D id tensor becomes a list of one."""
+    if is_file(inputs):
+        return load_texts(inputs)
     if isinstance(inputs, str):
         return [inputs]
     if isinstance(inputs, Tensor) and inputs.dim() == 1:
@@ -222,65 +355,3 @@ def batches(inputs: Inputs, batch_size: int) -> Iterator[tuple[int, Sequence]]:
         raise StreamlensError("no inputs: got an empty list")
     for start in range(0, len(items), batch_size):
         yield start, items[start:start + batch_size]
-
-
-# ---------------------------------------------------------------------------- data sets
-def load_texts(source: str | os.PathLike | Sequence[str], *, field: str = "text") -> list[str]:
-    """Documents as a list of non-empty strings.
-
-    Args:
-        source: a list of strings; a ``.txt`` file (one document per line, blank lines skipped);
-            a ``.jsonl`` file with one JSON object per line (blank lines skipped).
-        field: the key holding the text in each JSONL object.
-    """
-    if isinstance(source, (str, os.PathLike)) and (isinstance(source, os.PathLike) or _looks_like_path(source)):
-        return _from_file(Path(source), field)
-    if isinstance(source, str):
-        raise StreamlensError(
-            f"data {source[:60]!r} is a single string: pass a list of documents, or a .txt/.jsonl file path"
-        )
-    if not isinstance(source, Sequence):
-        raise StreamlensError(f"data must be a list of strings or a .txt/.jsonl path, got {type(source).__name__}")
-    texts = list(source)
-    if not texts:
-        raise StreamlensError("the data set is empty: got an empty list of documents")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise StreamlensError(f"document {i} is a {type(t).__name__}, not a string")
-        if not t.strip():
-            raise StreamlensError(f"document {i} is empty ({t!r})")
-    return texts
-
-
-def _looks_like_path(s: str) -> bool:
-    return "\n" not in s and (s.endswith((".txt", ".jsonl")) or os.path.exists(s))
-
-
-def _from_file(path: Path, field: str) -> list[str]:
-    if not path.exists():
-        raise StreamlensError(f"data file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise StreamlensError(f"data file {str(path)!r} must end in .txt (one document per line) or .jsonl")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    texts: list[str] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if suffix == ".txt":
-            texts.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StreamlensError(f"{path.name} line {n} is not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or field not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise StreamlensError(f"{path.name} line {n} has no field {field!r} (it has {keys}); pass field=...")
-        text = obj[field]
-        if not isinstance(text, str) or not text.strip():
-            raise StreamlensError(f"{path.name} line {n}: field {field!r} is empty or not a string ({text!r})")
-        texts.append(text)
-    if not texts:
-        raise StreamlensError(f"data file {str(path)!r} holds no documents")
-    return texts

@@ -26,7 +26,7 @@ from streamlens.model.layouts import SUBLAYERS
 from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result
 from streamlens.stream.engine import capture
-from streamlens.stream.inputs import batches, encode
+from streamlens.stream.inputs import as_sequences, batches, encode, recorded
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -110,6 +110,7 @@ class TraceStats(Result):
         return f"of {self.model_name} over {n} positions"
 
 
+@recorded
 def trace_stats(
     model: Model | Any,
     data: Sequence[str],
@@ -118,6 +119,7 @@ def trace_stats(
     max_tokens: int | None = 256,
     layers: int | Sequence[int] | None = None,
     progress: bool = True,
+    prepend_bos: bool | None = None,
 ) -> TraceStats:
     """Stream ``data`` through ``model`` in batches and reduce to per-layer statistics.
 
@@ -127,15 +129,14 @@ def trace_stats(
     from tqdm.auto import tqdm
 
     model = as_model(model)
-    if isinstance(data, str):
-        data = [data]
+    data = as_sequences(data)  # a data file (streamlens.stream.inputs.is_file) is read
     if len(data) == 0:
         raise StreamlensError("the data set is empty: give at least one text")
     layers_t = model.check_layers(layers)
     acc = StatAccumulator()
     bar = tqdm(total=len(data), desc="trace_stats", unit="doc", disable=not progress)
     for _, chunk in batches(list(data), batch_size):
-        batch = encode(model, chunk, max_tokens=max_tokens)
+        batch = encode(model, chunk, max_tokens=max_tokens, prepend_bos=prepend_bos)
         capture(model, batch, None, layers=layers_t, on_layer=lambda l, named: acc.add_layer(l, named, batch.mask))
         bar.update(len(chunk))
     bar.close()

@@ -48,7 +48,7 @@ from streamlens.model.norms import NormSpec
 from streamlens.model.probe import Architecture
 from streamlens.present.results import Result, fmt
 from streamlens.stream.engine import GLOBAL_NAMES, LAYER_NAMES, capture, check_sublayers
-from streamlens.stream.inputs import Inputs, Positions, encode, select_positions
+from streamlens.stream.inputs import Inputs, Positions, encode, recorded, select_positions
 
 ALIASES = {"attn_write": "attn_out", "mlp_write": "mlp_out", "head_write": "head_out"}
 
@@ -216,6 +216,7 @@ def _storer(store_dtype, store_device, *, copy: bool):
     return store
 
 
+@recorded
 def trace(
     model: Model | Any,
     inputs: Inputs,
@@ -226,6 +227,7 @@ def trace(
     heads: bool = False,
     store_dtype: torch.dtype | None = None,
     store_device: str | torch.device | None = None,
+    prepend_bos: bool | None = None,
 ) -> ResidualTrace:
     """Run ``model`` on ``inputs`` and record every read from and write to the residual stream.
 
@@ -240,6 +242,8 @@ def trace(
         heads: also split each attention write into per-head writes (``head_out``).
         store_dtype: dtype to store activations in (e.g. ``torch.float16`` to halve memory).
         store_device: where to keep them (e.g. ``"cpu"`` while the model runs on a GPU).
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
 
     Returns:
         A :class:`ResidualTrace`.
@@ -247,7 +251,7 @@ def trace(
     model = as_model(model)
     layers_t = model.check_layers(layers)
     subs = check_sublayers(sublayers)
-    batch = encode(model, inputs)
+    batch = encode(model, inputs, prepend_bos=prepend_bos)
     pos_idx, sel_mask = select_positions(batch, positions)
     store = _storer(store_dtype, store_device, copy=positions is None)
     acts: dict[tuple[str, int | None], Tensor] = {}
