@@ -53,7 +53,7 @@ from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model, load
 from streamlens.present.results import Result
 from streamlens.stream.engine import capture
-from streamlens.stream.inputs import (batches, check_max_tokens, check_prepend_bos, encode, load_texts, recorded,
+from streamlens.stream.inputs import (as_sequences, batches, check_max_tokens, check_prepend_bos, encode, load_texts, recorded,
                                       resolve_bos)
 from streamlens.stream.stats import StatAccumulator
 
@@ -69,7 +69,7 @@ COLLAPSED = 0.5         # init_dropped/init ‖g‖·‖x‖ at layer 0 below th
 
 
 def _forward_stats(model: Model, texts: list[str], *, batch_size: int, max_tokens: int | None,
-                   drop: Sequence[int], bar, bos: bool) -> pd.DataFrame:
+                   drop: Sequence[int], bar, bos: bool | None) -> pd.DataFrame:
     """StatAccumulator's per-layer statistics plus the embedding cosine, with ``drop`` applied."""
     acc = StatAccumulator()
     for _, chunk in batches(texts, batch_size):
@@ -91,7 +91,7 @@ def _forward_stats(model: Model, texts: list[str], *, batch_size: int, max_token
 
 
 def _gradient_stats(model: Model, texts: list[str], *, batch_size: int, max_tokens: int | None,
-                    drop: Sequence[int], target: int | None, bar, bos: bool) -> pd.DataFrame:
+                    drop: Sequence[int], target: int | None, bar, bos: bool | None) -> pd.DataFrame:
     acc = StatAccumulator()
     for _, chunk in batches(texts, batch_size):
         batch = encode(model, chunk, max_tokens=max_tokens, prepend_bos=bos)
@@ -287,9 +287,13 @@ def dynamics(
     from tqdm.auto import tqdm
 
     model = as_model(model)
-    texts = load_texts(data)  # a data file (streamlens.stream.inputs.is_file) is read; a string is one text
+    # a data file (streamlens.stream.inputs.is_file) is read, a string is one text, token ids are used as given
+    texts = list(as_sequences(data)) if isinstance(data, (Sequence, torch.Tensor)) and not isinstance(data, str) \
+        and len(data) and not all(isinstance(t, str) for t in data) else load_texts(data)
     max_tokens = check_max_tokens(max_tokens)
-    bos = resolve_bos(model, check_prepend_bos(prepend_bos))
+    check_prepend_bos(prepend_bos)
+    # what was done: texts get the resolved choice; token ids are used as given unless prepend_bos=True
+    bos = resolve_bos(model, prepend_bos) if isinstance(texts[0], str) else bool(prepend_bos)
     if gradients:
         grad.check_gradient_model(model)
         target = grad.check_target(model, target)
@@ -307,10 +311,10 @@ def dynamics(
     bar = tqdm(total=len(texts) * len(runs) * (2 if gradients else 1), desc="dynamics", unit="doc", disable=not progress)
     try:
         for name, m, d in runs:
-            df = _forward_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, bar=bar, bos=bos)
+            df = _forward_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, bar=bar, bos=prepend_bos)
             if gradients:
                 g = _gradient_stats(m, texts, batch_size=batch_size, max_tokens=max_tokens, drop=d, target=target,
-                                    bar=bar, bos=bos)
+                                    bar=bar, bos=prepend_bos)
                 df = df.merge(g, on="layer")
             df.insert(0, "variant", name)
             df.insert(2, "dropped", df["layer"].isin(d))

@@ -93,7 +93,8 @@ class Model:
         """Refuse a model that cannot give its own numbers now: any sub-module in train mode (dropout would add
         noise), or parameters moved to the ``meta`` device."""
         for module in (self.hf, self.bridge):  # the HuggingFace names first: they are the ones a user knows
-            name = next((n or "the whole model" for n, m in module.named_modules() if m.training), None)
+            name = next((n.replace("._original_component", "") or "the whole model"
+                         for n, m in module.named_modules() if m.training), None)
             if name is not None:
                 raise StreamlensError(
                     f"{self.name} is (partly) in train mode (dropout on), which makes every result noisy: {name!r} "

@@ -16,9 +16,9 @@ that a model does not support (e.g. the exact decomposition of a post-norm model
 computed" with the library's reason.
 
 Example:
-    >>> res = build_report(model, texts, "out", max_tokens=16, progress=False)
+    >>> res = build_report(model, texts, "report-out", max_tokens=16, progress=False)
     >>> res.summary            # one row per headline quantity
-    >>> res.report             # Path to out/report.html
+    >>> res.report             # Path to report-out/report.html
 """
 
 from __future__ import annotations
