@@ -293,6 +293,11 @@ def test_cli_failures_are_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
     _one_line_error(capsys, ["sweep", model, "--data", str(binary)], "bin.txt")
+    rows = tmp_path / "rows.jsonl"  # a resume file with a truncated last line
+    rows.write_text('{"unit": "block.0", "kl": 0.1}\n{"unit": "blo')
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS))
+    _one_line_error(capsys, ["sweep", model, "--data", str(texts), "--out", str(rows), "--resume", "--max-tokens", "8"])
     corrupted = tmp_path / "model"
     corrupted.mkdir()
     (corrupted / "config.json").write_text("{not json")
