@@ -284,6 +284,7 @@ def _one_line_error(capsys, argv, *needles):
 
 def test_cli_failures_are_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
     model = str(tiny_dirs("llama"))
+    capsys.readouterr()  # building the tiny model may print progress bars
     _one_line_error(capsys, ["attribute", model, "--prompt", "The cat", "--target", ""], "target")
     if not torch.cuda.is_available():
         _one_line_error(capsys, ["trace", model, "--device", "cuda"], "cuda")

@@ -74,11 +74,23 @@ class Result:
     rows_key: ClassVar[str] = "rows"
     #: Rows shown in Jupyter.
     html_rows: ClassVar[int] = 40
-    #: Whether a BOS token was put in front of each text (None: not recorded, or it varied), and the token
-    #: ids (one tuple per sequence, no padding) the numbers were computed on; set by the verb that made the
-    #: result (:func:`streamlens.stream.inputs.recorded`) and saved in ``.json`` / ``.pt`` files.
-    prepend_bos: ClassVar[bool | None] = None
-    token_ids: ClassVar[tuple[tuple[int, ...], ...] | None] = None
+    #: ``(prepend_bos, ids, ends)`` set by the verb that made the result (:func:`streamlens.stream.inputs.recorded`):
+    #: every token id it computed on in one int32 array, and where each sequence ends. Read it through
+    #: :attr:`prepend_bos` and :attr:`token_ids`.
+    recorded_inputs: ClassVar[tuple | None] = None
+
+    @property
+    def prepend_bos(self) -> bool | None:
+        """Whether a BOS token was put in front of each text (None: not recorded, or it varied between calls)."""
+        return None if self.recorded_inputs is None else self.recorded_inputs[0]
+
+    @property
+    def token_ids(self) -> tuple[tuple[int, ...], ...] | None:
+        """The token ids the numbers were computed on: one tuple per sequence, without padding, in order."""
+        if self.recorded_inputs is None:
+            return None
+        _, ids, ends = self.recorded_inputs
+        return tuple(tuple(int(t) for t in ids[lo:hi]) for lo, hi in zip([0, *ends[:-1]], ends))
 
     def to_dataframe(self) -> pd.DataFrame:  # pragma: no cover - every subclass defines it
         raise NotImplementedError

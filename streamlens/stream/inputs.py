@@ -170,9 +170,11 @@ def recorded(verb):
         finally:
             _RECORDER.reset(token)
         if hasattr(result, "__dict__") and seen:
-            flags = {bos for bos, _ in seen}
-            object.__setattr__(result, "prepend_bos", flags.pop() if len(flags) == 1 else None)
-            object.__setattr__(result, "token_ids", tuple(ids for _, rows in seen for ids in rows))
+            flags = {bos for bos, _, _ in seen}
+            # compact: every id in one int32 array (4 bytes a token) plus where each sequence ends
+            ids = np.concatenate([flat for _, flat, _ in seen])
+            ends = np.cumsum(np.concatenate([lengths for _, _, lengths in seen]))
+            object.__setattr__(result, "recorded_inputs", (flags.pop() if len(flags) == 1 else None, ids, ends))
         return result
 
     return run
@@ -255,7 +257,8 @@ def encode(model: "Model", inputs: Inputs, *, max_tokens: int | None = None, pre
         mask[i, : len(s)] = True
     rec = _RECORDER.get()
     if rec is not None:
-        rec.append((added, [tuple(s) for s in seqs]))
+        rec.append((added, np.fromiter((t for s in seqs for t in s), dtype=np.int32),
+                    np.array([len(s) for s in seqs], dtype=np.int64)))
     return Batch(ids_t, mask, tuple(_str_tokens(tokenizer, s) for s in seqs), added)
 
 
