@@ -175,13 +175,17 @@ def test_loading_an_in_memory_model_leaves_it_untouched(tiny_dirs):
     sl.trace(model, "The cat", layers=[0])
 
 
-def test_compatibility_mode_bridges_are_refused(tiny_dirs):
+def test_compatibility_mode_bridges_are_refused(tiny_dirs, fresh):
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(str(tiny_dirs("llama")))
     bridge.enable_compatibility_mode()
     with pytest.raises(UnsupportedModelError, match="compatibility mode"):
         sl.load(bridge)
+    m = fresh("llama")  # switched on after loading: refused by the next verb
+    m.bridge.enable_compatibility_mode()
+    with pytest.raises(UnsupportedModelError, match="compatibility mode"):
+        sl.trace(m, "The cat")
 
 
 def test_meta_device_models_are_refused(fresh):

@@ -22,8 +22,11 @@ Forward statistics per layer ``l``, averaged over real (non-padding) positions:
 
 Gradient statistics (see :mod:`streamlens.gradients`), averaged over the positions that carry loss:
 ``grad_full_norm = ‖∂L/∂resid_pre_l‖``, ``grad_identity_norm = ‖g_post‖``, ``grad_sublayer_norm =
-‖g_post · J_f‖``, ``grad_sub_to_identity`` (ratio of those means) and ``split_error`` (max
-``‖identity + sublayer − full‖ / max‖full‖``, a check that the split is exact).
+‖g_post · J_f‖``, ``grad_sub_to_identity`` (ratio of those means), ``grad_stream_scaled =
+‖∂L/∂resid_pre_l‖·‖resid_pre_l‖`` (the gradient per unit of stream: a norm divides its input gradient
+by ``‖x‖``, so raw gradient norms at different depths mostly compare stream sizes; this product does
+not) and ``split_error`` (max ``‖identity + sublayer − full‖ / max‖full‖``, a check that the split is
+exact). Each claim of :meth:`Dynamics.claims` says in its ``measured`` column what exactly it measured.
 
 Example:
     >>> d = streamlens.dynamics(model, texts, compare_init=True, drop_residual=[1, 2], max_tokens=32, progress=False)

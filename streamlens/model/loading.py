@@ -92,6 +92,9 @@ class Model:
     def require_eval(self) -> None:
         """Refuse a model that cannot give its own numbers now: any sub-module in train mode (dropout would add
         noise), or parameters moved to the ``meta`` device."""
+        if getattr(self.bridge, "compatibility_mode", False):
+            raise UnsupportedModelError(f"{self.name} was put into compatibility mode (folded/centred weights) after "
+                                        "loading; streamlens measures the raw model: load it again")
         for module in (self.hf, self.bridge):  # the HuggingFace names first: they are the ones a user knows
             name = next((n.replace("._original_component", "") or "the whole model"
                          for n, m in module.named_modules() if m.training), None)
