@@ -61,9 +61,13 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _texts(args) -> list[str]:
+    from pathlib import Path
+
     from streamlens.stream.inputs import load_texts
 
-    texts = load_texts(args.data)
+    if not args.data.strip():
+        raise StreamlensError("--data is empty: give a .txt (one document per line) or .jsonl file")
+    texts = load_texts(Path(args.data))  # --data always names a file, whatever its name ends in
     if not texts:
         raise StreamlensError(f"data file {args.data!r} has no texts")
     return list(texts)

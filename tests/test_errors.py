@@ -295,6 +295,7 @@ def test_cli_failures_are_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "trunc')
     _one_line_error(capsys, ["dynamics", model, "--data", str(bad)], "bad.jsonl", "line 2")
+    _one_line_error(capsys, ["dynamics", model, "--data", "notes.csv"], "notes.csv")  # a file, never a text
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
     _one_line_error(capsys, ["sweep", model, "--data", str(binary)], "bin.txt")
