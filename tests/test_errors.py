@@ -350,3 +350,17 @@ def test_gradient_split_renders_briefly(llama):
 def test_ci_installs_chromium_for_the_render_check():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "apt-get install -y chromium" in ci and "apt-get update" in ci
+
+
+def test_skip_metrics_refuse_non_finite_ablated_logits(llama):
+    """A removal whose logits hold NaN gives an error, never top1 = 1.0 beside kl = nan."""
+    from streamlens.skip.metrics import row_metrics
+
+    ev = sl.LayerSkipEvaluator(llama, TEXTS, max_tokens=8, progress=False, n_boot=10)
+    clean = ev.batches[0][1]
+    lg = clean.logp.exp().log().clone()
+    lg[0, 0] = float("nan")
+    fine = row_metrics(clean, clean.logp, clean.final, ("kl", "top1"))
+    assert float(fine["kl"].abs().max()) <= 1e-6 and float(fine["top1"].min()) == 1.0
+    with pytest.raises(StreamlensError, match="non-finite"):
+        row_metrics(clean, lg, clean.final, ("kl", "top1"))

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
+from streamlens.stream.engine import check_finite
 
 #: Metric names a user may ask for -> the column they fill ("ce" is delta_ce).
 METRICS = {"kl": "kl", "ce": "delta_ce", "delta_ce": "delta_ce", "top1": "top1", "topk": "topk", "angle": "angle"}
@@ -146,6 +147,7 @@ def row_metrics(clean, lg: Tensor, fin: Tensor, names) -> dict[str, Tensor]:
     ``clean`` carries the clean pass of the batch (``logp``, ``top1``, ``top``, ``final``, ``target``,
     ``has_target``; :class:`streamlens.skip.evaluator.CleanBatch`).
     """
+    check_finite(lg, "the logits with the unit removed")  # never top1 = 1.0 beside kl = nan
     out = {}
     logq = torch.log_softmax(lg, -1) if ("kl" in names or "delta_ce" in names) else None
     if "kl" in names:
