@@ -245,3 +245,14 @@ def source_contributions(model, layer: int, reads: LayerReads, r: Float[Tensor, 
     phi = torch.einsum("hem,bstm->bsthe", w_o.to(dev), r.to(dev))  # (b, s, t, h, d_head): W_O[h] r
     vh = reads.values_per_head(kv_index(a))  # (b, k, h, e)
     return reads.pattern[..., None] * torch.einsum("bkhe,bsthe->bshkt", vh, phi)
+
+
+def value_map(model, layer: int) -> tuple[Float[Tensor, "d_model kv_head d_head"], Float[Tensor, "kv_head d_head"]]:
+    """``(W_V, b_V)`` of layer ``layer``: ``v = x W_V + b_V``, measured on the module as ``v(I) − v(0)``."""
+    a = model.arch
+    lin = attention_component(model, layer, "v").original_component
+    p = next(lin.parameters())
+    with torch.no_grad():
+        b = lin(torch.zeros(1, a.d_model, device=p.device, dtype=p.dtype)).float()[0]
+        w = lin(torch.eye(a.d_model, device=p.device, dtype=p.dtype)).float() - b
+    return w.reshape(a.d_model, a.n_kv_heads, -1), b.reshape(a.n_kv_heads, -1)
