@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens import hooks
-from streamlens.errors import UnsupportedModelError
+from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.hooks import select_positions_of
 
 #: Largest relative gap allowed between ``Σ_k A v`` and the z the output projection receives (float32).
@@ -256,3 +256,82 @@ def value_map(model, layer: int) -> tuple[Float[Tensor, "d_model kv_head d_head"
         b = lin(torch.zeros(1, a.d_model, device=p.device, dtype=p.dtype)).float()[0]
         w = lin(torch.eye(a.d_model, device=p.device, dtype=p.dtype)).float() - b
     return w.reshape(a.d_model, a.n_kv_heads, -1), b.reshape(a.n_kv_heads, -1)
+
+
+# ---------------------------------------------------------------------------- patterns as a result
+@dataclass(frozen=True, eq=False)
+class AttentionPatterns:
+    """Every head's attention pattern on a batch: ``patterns[i]`` is layer ``layers[i]``, ``(batch, head, query, source)``."""
+
+    model_name: str
+    layers: tuple[int, ...]
+    patterns: Float[Tensor, "layer batch head query source"]
+    str_tokens: tuple[tuple[str, ...], ...]
+
+    def __getitem__(self, layer: int) -> Float[Tensor, "batch head query source"]:
+        if layer not in self.layers:
+            raise StreamlensError(f"layer {layer} was not recorded (layers: {list(self.layers)})")
+        return self.patterns[self.layers.index(layer)]
+
+    def to_dataframe(self):
+        """Tidy: one row per (prompt, layer, head, query, source) over real tokens, source ≤ query when causal."""
+        import pandas as pd
+
+        frames = []
+        for i, toks in enumerate(self.str_tokens):
+            n = len(toks)
+            pat = self.patterns[:, i, :, :n, :n]  # (layer, head, q, k)
+            idx = (pat > 0).nonzero() if n else torch.empty(0, 4, dtype=torch.long)
+            l, h, q, k = idx.unbind(1)
+            frames.append(pd.DataFrame({
+                "prompt": i, "layer": torch.as_tensor(self.layers)[l].numpy(), "head": h.numpy(), "query": q.numpy(),
+                "source": k.numpy(), "query_token": [toks[j] for j in q.tolist()],
+                "source_token": [toks[j] for j in k.tolist()], "weight": pat[l, h, q, k].numpy()}))
+        return pd.concat(frames, ignore_index=True)
+
+    def plot(self, layer: int | None = None, *, prompt: int = 0):
+        """One layer's heads (a menu picks the head), with token labels."""
+        from streamlens.present.attention import pattern_figure
+
+        layer = self.layers[0] if layer is None else layer
+        return pattern_figure(self[layer][prompt], self.str_tokens[prompt],
+                              title=f"{self.model_name} layer {layer}",
+                              head_names=[f"head {layer}.{h}" for h in range(self.patterns.shape[2])])
+
+    def save(self, path):
+        from streamlens.readout.sources import save_table
+
+        return save_table(self.to_dataframe(), path)
+
+    def __repr__(self) -> str:
+        L, b, h, q, _ = self.patterns.shape
+        return f"AttentionPatterns({self.model_name!r}, layers={list(self.layers)}, prompts={b}, heads={h}, positions={q})"
+
+    def _repr_html_(self) -> str:
+        from streamlens.present.attention import pattern_html
+
+        layer = self.layers[0]
+        grids = "".join(pattern_html(self[layer][0, h], self.str_tokens[0], title=f"head {layer}.{h}")
+                        for h in range(self.patterns.shape[2]))
+        return f"<b>{html_escape(repr(self))}</b> (prompt 0, layer {layer}; .plot(layer) for the others)<br>{grids}"
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def attention_patterns(model, inputs, *, layers=None) -> AttentionPatterns:
+    """Record every head's attention pattern (as the model computed it, checked against the heads' outputs).
+
+    Args:
+        model: a :class:`~streamlens.Model`.
+        inputs: a prompt, prompts (one padded batch) or token ids.
+        layers: the layers to record (default all).
+    """
+    from streamlens.capture import trace
+
+    tr = trace(model, inputs, layers=layers, sublayers=("attn",), patterns=True)
+    pats = torch.stack([tr["pattern", l].permute(0, 2, 1, 3) for l in tr.layers])  # (L, b, h, q, k)
+    return AttentionPatterns(tr.model_name, tr.layers, pats, tr.str_tokens)
