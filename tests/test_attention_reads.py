@@ -171,7 +171,7 @@ def test_attention_patterns_render_with_token_labels(tiny_models, tmp_path):
         torch.testing.assert_close(ap[l], want[l])
     df = ap.to_dataframe()
     assert {"layer", "head", "query", "source", "query_token", "source_token", "weight"} <= set(df.columns)
-    assert (df.source <= df.query).all()
+    assert (df["source"] <= df["query"]).all()
     html = ap._repr_html_()
     assert html.count("<table") == m.arch.n_heads and "&#x27;The&#x27;" in html
     fig = ap.plot(1)

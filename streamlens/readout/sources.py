@@ -72,10 +72,12 @@ def source_batch(model, batch, pos_idx, tgt, chunk_size: int) -> dict:
         worst = max(worst, float(gap / out["model"].abs().max().clamp_min(1e-12)))
         src_vals.append(vals.permute(2, 3, 0, 1, 4))  # (h, P, b, s, k)
         abl = torch.empty_like(vals)
-        for i in range(b):  # one prompt at a time: (s, h, P, d_model) per-source writes
-            w = source_writes(model, l, _row(reads, i))[0]
-            renorm = model.final_norm(x[i][:, None, None] - w)  # the final norm recomputed without each source
-            abl[i] = (torch.einsum("shpd,skd->shpk", renorm, u[i]) + c[i][:, None, None]).cpu()
+        for i in range(b):  # one prompt and head at a time: (s, P, d_model) per-source writes
+            row = _row(reads, i)
+            for h in range(a.n_heads):
+                w = source_writes(model, l, row, heads=[h])[0, :, 0]
+                renorm = model.final_norm(x[i][:, None] - w)  # the final norm recomputed without each source
+                abl[i, :, h] = (torch.einsum("spd,skd->spk", renorm, u[i]) + c[i][:, None]).cpu()
         src_abl.append(abl.permute(2, 3, 0, 1, 4))
     comps = [(*out["comps"][i], None, None)[:6] for i in keep]
     comps += [(f"head.{l}.{h}@{k}", "source", l, h, None, k)
