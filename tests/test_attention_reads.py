@@ -298,3 +298,25 @@ def test_smollm2_factual_recall_sources_match_a_plain_torch_recomputation(smollm
         reads[(l, h)] = rows.loc[rows.value.abs().idxmax(), "source_token"]
     # what the top heads read from (measured): the subject token " France" and the last token " is"
     assert set(reads.values()) <= {" France", " is"} and " France" in reads.values(), reads
+
+
+def test_gemma2_sliding_window_and_soft_cap_are_read_as_computed(tmp_path):
+    """A tiny Gemma 2 with a 3-token sliding window on its sliding layers and soft-capped scores: the pattern
+    read is the model's own (zero outside the window on sliding layers) and the per-source split stays exact."""
+    from streamlens.testing import save_model, tiny_config
+
+    cfg, cls = tiny_config("gemma2")
+    cfg.sliding_window = 3
+    assert cfg.attn_logit_softcapping and "sliding_attention" in cfg.layer_types
+    torch.manual_seed(0)
+    hf = cls(cfg).eval()
+    assert sum(p.numel() for p in hf.parameters()) < 200_000
+    m = sl.load(str(save_model(hf, tmp_path / "gemma2_window")))
+    tr = sl.trace(m, PROMPTS, positions=[-1, -2], sources=True)
+    assert tr.closure_error() <= 1e-5
+    far = torch.arange(tr.input_ids.shape[1])[None, None, :] <= tr.positions[..., None] - 3  # (b, sel, source)
+    for l, kind in enumerate(cfg.layer_types):
+        outside = float(tr["pattern", l].permute(0, 1, 3, 2)[far].abs().max())
+        assert (outside == 0.0) == (kind == "sliding_attention"), (l, kind, outside)
+    dec = sl.decompose(m, PROMPTS, " the", unit="source", position=[-1, -2], progress=False)
+    assert dec.check() <= 1e-5

@@ -22,7 +22,7 @@ measure the head's pattern and the target logit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -89,8 +89,7 @@ def source_batch(model, batch, pos_idx, tgt, chunk_size: int) -> dict:
 
 
 def _row(reads, i: int):
-    from dataclasses import replace
-
+    """One prompt's reads (a batch of one)."""
     pick = lambda t: None if t is None else t[i : i + 1]  # noqa: E731
     return replace(reads, pattern=pick(reads.pattern), v=pick(reads.v), z=pick(reads.z), v_in=pick(reads.v_in),
                    post_scale=pick(reads.post_scale))
