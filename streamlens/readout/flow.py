@@ -136,7 +136,7 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
     lg = logits[:, q : q + 1].float()
     ids, con = readout(model, tgt, lg)
     x = glob["final_in"][:, q : q + 1]
-    _, c, r = readout_rows(model, tgt, ids, con, x, 4096)  # r: (1, 1, 1, d)
+    u, c, r = readout_rows(model, tgt, ids, con, x, 4096)  # (1, 1, 1, d): u, and r read through the final norm
     value = float(lg[0, 0, ids[0, 0, 0]] - (0 if con is None else lg[0, 0, con[0, 0, 0]])) if ids is not None \
         else float(glob["final_out"][0, q].float() @ tgt.direction.to(x.device))
     embed = named[0]["resid_pre"][0] if not (a.embed_is_sum and "embed" in glob) else \
@@ -150,7 +150,7 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
     biases = sum(float(named[l]["attn_bias_out"][0, q] @ r0) for l in range(a.n_layers))
     emb = float(embed[q] @ r0)
     total = float(lvl1.sum()) + sum(direct.values()) + biases + emb + float(c[0, 0, 0]) + \
-        float(model.final_norm.bias_part(x)[0, 0] @ _u(model, tgt, ids, con, x))
+        float(model.final_norm.bias_part(x)[0, 0] @ u[0, 0, 0])
     gaps = {"level1": abs(total - value) / max(abs(value), 1e-12)}
     cut = threshold * (float(lvl1.abs().sum()) + sum(abs(v) for v in direct.values()) + abs(emb))
     for l, h, k in (lvl1.abs() >= cut).nonzero().tolist():
@@ -199,13 +199,6 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
     if con is not None:
         name += " - " + model.tokenizer.decode([int(con[0, 0, 0])])
     return FlowGraph(model.name, a.n_layers, toks, q, name, value, edges, gaps, threshold)
-
-
-def _u(model, tgt, ids, con, x):
-    from streamlens.readout.sources import _readouts
-
-    (_, u, _, shared), = list(_readouts(model, tgt, ids, con, 4096))
-    return (u[0] if shared else u[0, 0, 0]).to(x.device)
 
 
 def _value_readout(model, l, h, reads, named_l, q, k, r) -> Tensor:

@@ -44,7 +44,7 @@ READ_TOL = 1e-4
 def attention_component(model, layer: int, name: str):
     """The bridge sub-component ``name`` (``"v"``, ``"q"``, ``"k"``, ``"o"``) of layer ``layer``'s attention."""
     attn = hooks.block_component(model.bridge, layer, "attn")
-    comp = None if attn is None else hooks._child(attn, name)
+    comp = None if attn is None else getattr(attn, name, None)
     if comp is None:
         raise UnsupportedModelError(
             f"{model.name}: layer {layer}'s attention exposes no separate {name} projection (attn.{name}), so what its "
