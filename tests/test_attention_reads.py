@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import streamlens as sl
-from streamlens import hooks
+from streamlens.model import hooks
 from streamlens.testing import induction_batch, induction_scores, previous_token_scores
 
 # Every prompt has at least three tokens; lengths differ, so the batch is padded.
@@ -42,8 +42,8 @@ def test_source_unit_sums_to_each_head_in_a_padded_batch(tiny_models, arch):
     m = tiny_models(arch)
     a = m.arch
     # batch_size=2: two batches of different padded lengths, so the source components are padded too
-    src = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="source", position=[-1, -2], batch_size=2, progress=False)
-    head = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="head", position=[-1, -2], progress=False)
+    src = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="source", positions=[-1, -2], batch_size=2, progress=False)
+    head = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="head", positions=[-1, -2], progress=False)
     assert src.check() <= 1e-5
     want = torch.stack([torch.stack([head.values[head.labels.index(f"head.{l}.{h}")] for h in range(a.n_heads)])
                         for l in range(a.n_layers)])
@@ -62,13 +62,13 @@ def test_source_unit_sums_to_each_head_in_a_padded_batch(tiny_models, arch):
 def test_value_paths_sum_to_each_heads_value_read(tiny_models, arch):
     m = tiny_models(arch)
     heads = ["head.1.0", (1, 3), "head.0.2"]
-    vp = sl.value_paths(m, PROMPTS, " the", contrast=" a", position=[-1, -2], heads=heads)
+    vp = sl.value_paths(m, PROMPTS, " the", contrast=" a", positions=[-1, -2], heads=heads)
     assert vp.check() <= 1e-5
-    dec = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="head", position=[-1, -2], progress=False)
+    dec = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="head", positions=[-1, -2], progress=False)
     want = torch.stack([dec.values[dec.labels.index(f"head.{l}.{h}")] for l, h in vp.heads])
     torch.testing.assert_close(vp.head_values, want, atol=1e-6, rtol=1e-5)
     # coarser writers (attn.l, mlp.l) regroup the same paths
-    coarse = sl.value_paths(m, PROMPTS, " the", contrast=" a", position=[-1, -2], heads=heads, upstream="layer")
+    coarse = sl.value_paths(m, PROMPTS, " the", contrast=" a", positions=[-1, -2], heads=heads, upstream="layer")
     attn0 = [i for i, w in enumerate(vp.writers) if w.startswith(("head.0.", "attn_bias.0"))]
     torch.testing.assert_close(vp.values[:, attn0].sum(1), coarse.values[:, coarse.writers.index("attn.0")],
                                atol=1e-6, rtol=1e-5)
@@ -277,7 +277,7 @@ def _plain_torch_sources(folder, ids, layer, head, target):
 
 @pytest.mark.smollm2
 def test_smollm2_factual_recall_sources_match_a_plain_torch_recomputation(smollm2):
-    from streamlens import zoo
+    from streamlens.model import zoo
 
     m = smollm2
     prompt = "The capital of France is"
@@ -318,5 +318,5 @@ def test_gemma2_sliding_window_and_soft_cap_are_read_as_computed(tmp_path):
     for l, kind in enumerate(cfg.layer_types):
         outside = float(tr["pattern", l].permute(0, 1, 3, 2)[far].abs().max())
         assert (outside == 0.0) == (kind == "sliding_attention"), (l, kind, outside)
-    dec = sl.decompose(m, PROMPTS, " the", unit="source", position=[-1, -2], progress=False)
+    dec = sl.decompose(m, PROMPTS, " the", unit="source", positions=[-1, -2], progress=False)
     assert dec.check() <= 1e-5

@@ -8,33 +8,41 @@ writer's recorded write at every position (the norm is recomputed); every other 
 reads and the rest of the model see the clean stream. With grouped-query attention a key/value head
 is shared by a group of query heads; removing from the key or value input changes the whole group.
 
-The writer grammar is the layer-skip unit grammar (:func:`streamlens.ablate.parse_unit`: ``"head.0.3"``,
-``"attn.0"``, ``"mlp.0"``, ``"block.0"``) plus ``"embed"`` (everything that enters block 0).
+The writer grammar is the layer-skip unit grammar (:func:`streamlens.intervene.units.parse_unit`:
+``"head.0.3"``, ``"attn.0"``, ``"mlp.0"``, ``"block.0"``) plus ``"embed"`` (everything that enters block 0).
 
 Example:
-    >>> rem = remove_from_input(model, ids, head="head.1.2", writer="head.0.1", input="key")
-    >>> rem.pattern_clean.shape, rem.pattern_removed.shape   # (batch, query, source) of head 1.2
+    >>> rem = sl.remove_from_input(model, "The capital of France is", head="head.2.1", writer="head.0.3",
+    ...                            input="key", target=" Paris")
+    >>> rem.pattern_clean.shape            # (batch, query, source) of head 2.1
+    torch.Size([1, 6, 6])
+    >>> bool((rem.pattern_removed != rem.pattern_clean).any())
+    True
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from streamlens import hooks
 from streamlens.errors import StreamlensError
+from streamlens.intervene.units import parse_heads, parse_unit
+from streamlens.model import hooks
+from streamlens.model.loading import as_model
+from streamlens.present.results import Result, fmt
 from streamlens.stream.attention import attention_component, kv_index
+from streamlens.stream.inputs import encode, select_positions
+from streamlens.stream.trace import trace
 
 INPUTS = ("query", "key", "value")
 
 
 @dataclass(frozen=True, eq=False)
-class InputRemoval:
+class InputRemoval(Result):
     """Head ``head``'s pattern (and the target's value) with ``writer`` removed from its ``input`` only.
 
     ``pattern_clean`` / ``pattern_removed``: ``(batch, query, source)`` over every position;
@@ -88,24 +96,21 @@ class InputRemoval:
 
         return removal_figure(self, prompt=prompt)
 
-    def save(self, path: str | Path) -> Path:
-        from streamlens.readout.sources import save_table
+    def metadata(self) -> dict:
+        return {"model": self.model_name, "head": f"head.{self.head[0]}.{self.head[1]}", "writer": self.writer,
+                "input": self.input}
 
-        return save_table(self.to_dataframe(), path)
+    def describe(self) -> str:
+        return (f"of {self.model_name}: {self.writer} removed from the {self.input} input of head.{self.head[0]}."
+                f"{self.head[1]} only; mean pattern change {fmt(float(self.pattern_change().sum() / self.mask.sum()))}")
 
     def __repr__(self) -> str:
         return (f"InputRemoval({self.model_name!r}, head=head.{self.head[0]}.{self.head[1]}, writer={self.writer!r}, "
                 f"input={self.input!r}, mean pattern change={float(self.pattern_change().sum() / self.mask.sum()):.3f})")
 
-    def _repr_html_(self) -> str:
-        return f"<b>{self!r}</b>" + self.to_dataframe().head(40).to_html(index=False, float_format=lambda v: f"{v:.4g}")
-
 
 def _writer_write(model, batch, writer: str) -> Tensor:
     """The writer's recorded write at every position, ``(batch, pos, d_model)``, from one clean trace."""
-    from streamlens.ablate import parse_unit
-    from streamlens.capture import trace
-
     if writer == "embed":
         return trace(model, batch.input_ids, layers=[0], sublayers=("attn",))["resid_pre", 0].float()
     unit = parse_unit(model, writer)
@@ -121,7 +126,7 @@ def _writer_write(model, batch, writer: str) -> Tensor:
 
 
 def remove_from_input(model, inputs, *, head, writer: str, input: str = "key", target=None, contrast=None,
-                      position=-1) -> InputRemoval:
+                      positions=-1) -> InputRemoval:
     """Remove ``writer`` from ``head``'s ``input`` (``"query"``, ``"key"`` or ``"value"``) only, and measure.
 
     Args:
@@ -130,16 +135,12 @@ def remove_from_input(model, inputs, *, head, writer: str, input: str = "key", t
         head: ``"head.L.H"`` or ``(L, H)``.
         writer: an upstream writer (layer < L): ``"head.l.h"``, ``"attn.l"``, ``"mlp.l"``, ``"block.l"`` or ``"embed"``.
         input: which of the head's reads sees the stream without the writer.
-        target, contrast, position: optionally, the target value (logit or logit difference) clean and after.
+        target, contrast, positions: optionally, the target's value (logit or logit difference) clean and after.
 
     Returns:
         :class:`InputRemoval` with the head's full pattern clean and changed.
     """
-    from streamlens.ablate import parse_unit
-    from streamlens.inputs import encode, select_positions
-    from streamlens.model import as_model
-    from streamlens.readout.sources import parse_heads
-    from streamlens.targets import resolve
+    from streamlens.readout.targets import resolve  # the target grammar, only when a target is asked for
 
     model = as_model(model)
     if input not in INPUTS:
@@ -153,7 +154,7 @@ def remove_from_input(model, inputs, *, head, writer: str, input: str = "key", t
     batch = encode(model, inputs)
     w = _writer_write(model, batch, writer).to(model.device)
     ln1 = hooks.block_component(model.bridge, L, "ln1")
-    if ln1 is None or a.layout == "post":
+    if ln1 is None or not a.rule.additive:
         raise StreamlensError(f"{model.name}: layer {L}'s attention does not read through its own norm ln1, so its "
                               "query/key/value inputs cannot be changed separately")
     proj = attention_component(model, L, {"query": "q", "key": "k", "value": "v"}[input])
@@ -180,7 +181,7 @@ def remove_from_input(model, inputs, *, head, writer: str, input: str = "key", t
     out = dict(model_name=model.name, head=(L, H), writer=writer, input=input, pattern_clean=pats["clean"],
                pattern_removed=pats["removed"], mask=batch.mask, str_tokens=batch.str_tokens)
     if target is not None:
-        pos_idx, _ = select_positions(batch, position)
+        pos_idx, _ = select_positions(batch, positions)
         tgt = resolve(model, target, contrast, len(batch))
         if tgt.kind not in ("token", "logit_diff"):
             raise StreamlensError("remove_from_input: the target must be a token (or one per prompt), with an optional contrast")

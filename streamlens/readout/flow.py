@@ -27,20 +27,26 @@ a share of a vector, not a contribution to the target, and it is not signed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from streamlens import hooks
 from streamlens.errors import StreamlensError
-from streamlens.readout.sources import NOTE_QK, check_source_target, readout_rows, save_table
-from streamlens.stream.attention import AttentionReader, adjoint, kv_index, source_contributions, source_writes, value_map
+from streamlens.model import hooks
+from streamlens.model.loading import as_model
+from streamlens.present.results import Result, fmt
+from streamlens.readout.sources import NOTE_QK, check_source_target, readout_rows
+from streamlens.readout.targets import readout, resolve
+from streamlens.readout.unembed import require_linear_readout
+from streamlens.stream.attention import (AttentionReader, adjoint, kv_index, source_contributions, source_writes,
+                                         value_map, write_norm_adjoint)
+from streamlens.stream.engine import capture
+from streamlens.stream.inputs import encode, select_positions
 
 
 @dataclass(frozen=True, eq=False)
-class FlowGraph:
+class FlowGraph(Result):
     """The pruned flow graph of one prompt: ``edges`` is a tidy table, one row per edge.
 
     Columns: ``level`` (1: into the predicted position, 2: through a value read), ``kind``
@@ -72,16 +78,21 @@ class FlowGraph:
 
         return flow_figure(self)
 
-    def save(self, path: str | Path) -> Path:
-        return save_table(self.edges, path)
+    def metadata(self) -> dict:
+        return {"model": self.model_name, "tokens": list(self.str_tokens), "position": self.position,
+                "target": self.target, "value": self.value, "threshold": self.threshold, "gaps": self.gaps,
+                "note": self.note}
+
+    def describe(self) -> str:
+        return (f"of {self.model_name}: target {self.target!r} at position {self.position} (value {fmt(self.value)}), "
+                f"{len(self.edges)} edges, check {fmt(self.check())}. {self.note}")
+
+    def html_table(self) -> pd.DataFrame:
+        return self.edges.reindex(self.edges["weight"].abs().sort_values(ascending=False).index).head(25)
 
     def __repr__(self) -> str:
         return (f"FlowGraph({self.model_name!r}, target={self.target!r} at {self.position}, edges={len(self.edges)}, "
                 f"check={self.check():.1e})")
-
-    def _repr_html_(self) -> str:
-        top = self.edges.reindex(self.edges["weight"].abs().sort_values(ascending=False).index).head(25)
-        return (f"<b>{self!r}</b><br>{self.note}" + top.to_html(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 def _at(reads, q: int):
@@ -108,13 +119,8 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
         threshold: keep edges whose |weight| is at least this fraction of the level-1 total |weight|.
         ifr: add the Information-Flow-Routes importance of each edge (``ifr`` column).
     """
-    from streamlens.capture import SUBLAYERS, _run_capture
-    from streamlens.inputs import encode, select_positions
-    from streamlens.model import as_model
-    from streamlens.targets import readout, require_unembed_path, resolve
-
     model = as_model(model)
-    require_unembed_path(model, "information_flow")
+    require_linear_readout(model, "information_flow")
     a = model.arch
     if not isinstance(prompt, str) and not (isinstance(prompt, Tensor) and prompt.dim() == 1) \
             and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
@@ -129,9 +135,8 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
     named, glob = {}, {}
     reader = AttentionReader(model, (1, p), pos_idx, range(a.n_layers), all_positions=True)
     with hooks.attached(reader.hooks()):
-        logits = _run_capture(model, batch, pos_idx, layers=range(a.n_layers), sublayers=SUBLAYERS, heads=True,
-                              store=lambda t: t.float(), all_positions=True, on_layer=named.__setitem__,
-                              on_global=glob.__setitem__)
+        logits = capture(model, batch, None, layers=range(a.n_layers), heads=True, store=lambda t: t.float(),
+                         on_layer=named.__setitem__, on_global=glob.__setitem__)
     reader.check()
     lg = logits[:, q : q + 1].float()
     ids, con = readout(model, tgt, lg)
@@ -204,9 +209,7 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
 def _value_readout(model, l, h, reads, named_l, q, k, r) -> Tensor:
     """``A[q, k] · adjoint(ln1 at k, W_V (W_O[h] r'))``: the vector ``x_k`` is read with through head ``h``'s value."""
     a = model.arch
-    r = r[0, 0, 0]
-    if a.layout == "sandwich":
-        r = adjoint(model.block_norms[(l, "ln1_post")], r, reads.post_scale[0, q])
+    r = write_norm_adjoint(model, l, _at(reads, q), r)[0, 0, 0]
     w_o, _ = model.head_weights(l)
     w_v, _ = value_map(model, l)
     kv = int(kv_index(a)[h])
@@ -218,9 +221,7 @@ def _value_readout(model, l, h, reads, named_l, q, k, r) -> Tensor:
 def _value_bias(model, l, h, reads, q, k, r) -> float:
     """The value's bias share (the value norm's bias and ``b_V``) of head ``h``'s read at ``k``."""
     a = model.arch
-    r = r[0, 0, 0]
-    if a.layout == "sandwich":
-        r = adjoint(model.block_norms[(l, "ln1_post")], r, reads.post_scale[0, q])
+    r = write_norm_adjoint(model, l, _at(reads, q), r)[0, 0, 0]
     w_o, _ = model.head_weights(l)
     w_v, b_v = value_map(model, l)
     kv = int(kv_index(a)[h])

@@ -175,11 +175,13 @@ def _section_decompose(run: _Run, prompts: list[str]) -> None:
 
 def _section_attention(run: _Run, prompts: list[str]) -> None:
     """Where the next-token prediction of the first prompt was read from: per source, flow graph, patterns."""
-    import streamlens as sl
     from streamlens.present.attention import pattern_figure
+    from streamlens.readout.decompose import decompose
+    from streamlens.readout.flow import information_flow
+    from streamlens.stream.attention import attention_patterns
 
     title = "Attention reads across positions"
-    dec = sl.decompose(run.model, prompts[:1], "top:1", unit="source", progress=False)
+    dec = decompose(run.model, prompts[:1], "top:1", unit="source", progress=False)
     err = dec.check()
     df = dec.to_dataframe()
     src = df[df["kind"] == "source"]
@@ -198,13 +200,13 @@ def _section_attention(run: _Run, prompts: list[str]) -> None:
                      "token": best["source_token"], "share from there": float(best["value"] / per_head[(l, h)])})
     run.html.table("Heads with the largest contribution and the source they read it from", pd.DataFrame(rows))
     run.html.figure(None, dec.plot())
-    graph = sl.information_flow(run.model, prompts[0], int(dec.target_ids[0, 0, 0]), threshold=0.03)
+    graph = information_flow(run.model, prompts[0], int(dec.target_ids[0, 0, 0]), threshold=0.03)
     run.stat("attention", "flow graph exactness error", graph.check())
     run.csv("flow_graph", graph.to_dataframe())
     run.html.figure("Information flow to the prediction (exact contributions; queries and keys are not split)",
                     graph.plot())
     l0, h0 = top[0]
-    pats = sl.attention_patterns(run.model, prompts[:1], layers=[int(l0)])
+    pats = attention_patterns(run.model, prompts[:1], layers=[int(l0)])
     run.html.figure(f"Attention patterns of layer {l0} (menu: head)",
                     pattern_figure(pats[int(l0)][0], pats.str_tokens[0], title=f"layer {l0}",
                                    head_names=[f"head {l0}.{h}" for h in range(pats.patterns.shape[2])]))

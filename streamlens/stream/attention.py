@@ -17,15 +17,24 @@ values the output projection receives (``attn.o.hook_in``), and a model where ``
 refused with the measured error.
 
 Example:
-    >>> reader = AttentionReader(model, batch.input_ids.shape, pos_idx, layers=[3])
+    >>> from streamlens.model import hooks
+    >>> from streamlens.stream.inputs import encode, select_positions
+    >>> batch = encode(model, ["The capital of France is", "Hello"])
+    >>> pos_idx, _ = select_positions(batch, "last")
+    >>> reader = AttentionReader(model, tuple(batch.input_ids.shape), pos_idx, layers=[3])
     >>> with hooks.attached(reader.hooks()):
-    ...     model.run(batch.input_ids, batch.mask)
-    >>> reader.reads[3].pattern.shape    # (batch, sel, head, source): rows of A at the chosen queries
-    >>> source_writes(model, 3, reader.reads[3]).shape  # (batch, sel, head, source, d_model)
+    ...     _ = model.run(batch.input_ids, batch.mask)
+    >>> reader.check_layer(3) <= 1e-4        # Σ_k A v equals what the output projection received
+    True
+    >>> reader.reads[3].pattern.shape        # (batch, sel, head, source): rows of A at the chosen queries
+    torch.Size([2, 1, 4, 6])
+    >>> source_writes(model, 3, reader.reads[3]).sum(-2).shape  # == head_out at the queries
+    torch.Size([2, 1, 4, 64])
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,9 +42,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from streamlens import hooks
 from streamlens.errors import StreamlensError, UnsupportedModelError
-from streamlens.hooks import select_positions_of
+from streamlens.model import hooks
+from streamlens.model.affine import measure
+from streamlens.model.hooks import select_positions_of
+from streamlens.present.results import Result
 
 #: Largest relative gap allowed between ``Σ_k A v`` and the z the output projection receives (float32).
 READ_TOL = 1e-4
@@ -62,7 +73,7 @@ def attention_points(model, layer: int) -> dict[str, torch.nn.Module]:
         "v_in": hooks.hook_point(attention_component(model, layer, "v"), "in"),
         "z": hooks.block_point(model.bridge, layer, "o", "in"),
     }
-    if model.arch.layout == "sandwich":
+    if model.arch.rule.write_norm("attn") is not None:
         pts["raw_out"] = hooks.block_point(model.bridge, layer, "attn", "out")
     missing = [k for k, v in pts.items() if v is None]
     if missing:
@@ -137,6 +148,7 @@ class AttentionReader:
 
     def hooks(self) -> list[tuple[torch.nn.Module, object]]:
         a = self.model.arch
+        extra = a.rule.write_norm("attn")  # Gemma 2's norm on the attention write, or None
         out = []
         for layer in self.layers:
             pts = attention_points(self.model, layer)
@@ -154,8 +166,8 @@ class AttentionReader:
                     t = self._pick(t).float()
                     raw[key] = t.reshape(*t.shape[:2], a.n_heads, a.d_head)
                 else:  # raw attention output before Gemma 2's extra norm
-                    raw[key] = self.model.block_norms[(layer, "ln1_post")].scale(self._pick(t))
-                if {"pattern", "v", "z"} <= raw.keys() and ("raw_out" in raw or a.layout != "sandwich") \
+                    raw[key] = self.model.block_norms[(layer, extra)].scale(self._pick(t))
+                if {"pattern", "v", "z"} <= raw.keys() and ("raw_out" in raw or extra is None) \
                         and ("v_in" in raw or not self._keep_in):
                     raw = self._raw.pop(layer)
                     self.reads[layer] = LayerReads(raw["pattern"], raw["v"], raw["z"], raw.get("v_in"),
@@ -192,9 +204,10 @@ class AttentionReader:
 def head_output_map(model, layer: int, reads: LayerReads) -> Float[Tensor, "batch sel head d_head d_model"] | Tensor:
     """``W_O[h]`` as it acts at each query: ``(head, d_head, d_model)``, or per query for Gemma 2's extra norm."""
     w_o, _ = model.head_weights(layer)
-    if model.arch.layout != "sandwich":
+    extra = model.arch.rule.write_norm("attn")
+    if extra is None:
         return w_o
-    norm = model.block_norms[(layer, "ln1_post")]
+    norm = model.block_norms[(layer, extra)]
     return norm.linear_part(w_o, reads.post_scale[:, :, None, None])  # (b, sel, h, d_head, d_model)
 
 
@@ -230,6 +243,18 @@ def adjoint(norm, r: Float[Tensor, "... d"], scale: Float[Tensor, "... 1"]) -> F
     return r / scale
 
 
+def write_norm_adjoint(model, layer: int, reads: LayerReads, r: Tensor) -> Tensor:
+    """``r`` read back through Gemma 2's extra norm on the attention write (at its scale at each query); else ``r``.
+
+    ``r`` is ``(batch, sel, ..., d_model)``; the scale ``(batch, sel, 1)`` broadcasts over the middle axes.
+    """
+    extra = model.arch.rule.write_norm("attn")
+    if extra is None:
+        return r
+    scale = reads.post_scale.reshape(*reads.post_scale.shape[:2], *[1] * (r.dim() - 3), 1)
+    return adjoint(model.block_norms[(layer, extra)], r, scale)
+
+
 def source_contributions(model, layer: int, reads: LayerReads, r: Float[Tensor, "batch sel target d_model"]
                          ) -> Float[Tensor, "batch sel head source target"]:
     """``A[h, q, k] · (v_k W_O[h]) · r[q, t]`` for every head and source, without building a d_model tensor per source.
@@ -238,8 +263,7 @@ def source_contributions(model, layer: int, reads: LayerReads, r: Float[Tensor, 
     Gemma 2's extra norm is folded into it here, at its scale at the query.
     """
     a = model.arch
-    if a.layout == "sandwich":
-        r = adjoint(model.block_norms[(layer, "ln1_post")], r, reads.post_scale[:, :, None])
+    r = write_norm_adjoint(model, layer, reads, r)
     w_o, _ = model.head_weights(layer)
     dev = reads.v.device
     phi = torch.einsum("hem,bstm->bsthe", w_o.to(dev), r.to(dev))  # (b, s, t, h, d_head): W_O[h] r
@@ -250,17 +274,13 @@ def source_contributions(model, layer: int, reads: LayerReads, r: Float[Tensor, 
 def value_map(model, layer: int) -> tuple[Float[Tensor, "d_model kv_head d_head"], Float[Tensor, "kv_head d_head"]]:
     """``(W_V, b_V)`` of layer ``layer``: ``v = x W_V + b_V``, measured on the module as ``v(I) − v(0)``."""
     a = model.arch
-    lin = attention_component(model, layer, "v").original_component
-    p = next(lin.parameters())
-    with torch.no_grad():
-        b = lin(torch.zeros(1, a.d_model, device=p.device, dtype=p.dtype)).float()[0]
-        w = lin(torch.eye(a.d_model, device=p.device, dtype=p.dtype)).float() - b
+    w, b = measure(attention_component(model, layer, "v").original_component, a.d_model)
     return w.reshape(a.d_model, a.n_kv_heads, -1), b.reshape(a.n_kv_heads, -1)
 
 
 # ---------------------------------------------------------------------------- patterns as a result
 @dataclass(frozen=True, eq=False)
-class AttentionPatterns:
+class AttentionPatterns(Result):
     """Every head's attention pattern on a batch: ``patterns[i]`` is layer ``layers[i]``, ``(batch, head, query, source)``."""
 
     model_name: str
@@ -298,10 +318,12 @@ class AttentionPatterns:
                               title=f"{self.model_name} layer {layer}",
                               head_names=[f"head {layer}.{h}" for h in range(self.patterns.shape[2])])
 
-    def save(self, path):
-        from streamlens.readout.sources import save_table
+    def metadata(self) -> dict:
+        return {"model": self.model_name, "layers": list(self.layers)}
 
-        return save_table(self.to_dataframe(), path)
+    def describe(self) -> str:
+        L, b, h, q, _ = self.patterns.shape
+        return f"of {self.model_name}: layers {list(self.layers)}, {b} prompts, {h} heads, {q} positions"
 
     def __repr__(self) -> str:
         L, b, h, q, _ = self.patterns.shape
@@ -313,13 +335,8 @@ class AttentionPatterns:
         layer = self.layers[0]
         grids = "".join(pattern_html(self[layer][0, h], self.str_tokens[0], title=f"head {layer}.{h}")
                         for h in range(self.patterns.shape[2]))
-        return f"<b>{html_escape(repr(self))}</b> (prompt 0, layer {layer}; .plot(layer) for the others)<br>{grids}"
-
-
-def html_escape(s: str) -> str:
-    import html
-
-    return html.escape(s)
+        return (f"<b>AttentionPatterns</b> {html.escape(self.describe())} (prompt 0, layer {layer}; .plot(layer) for "
+                f"the others)<br>{grids}")
 
 
 def attention_patterns(model, inputs, *, layers=None) -> AttentionPatterns:
@@ -330,7 +347,7 @@ def attention_patterns(model, inputs, *, layers=None) -> AttentionPatterns:
         inputs: a prompt, prompts (one padded batch) or token ids.
         layers: the layers to record (default all).
     """
-    from streamlens.capture import trace
+    from streamlens.stream.trace import trace  # the trace records patterns through this module
 
     tr = trace(model, inputs, layers=layers, sublayers=("attn",), patterns=True)
     pats = torch.stack([tr["pattern", l].permute(0, 2, 1, 3) for l in tr.layers])  # (L, b, h, q, k)
