@@ -26,10 +26,13 @@ Example:
     ...     _ = model.run(batch.input_ids, batch.mask)
     >>> reader.check_layer(3) <= 1e-4        # Σ_k A v equals what the output projection received
     True
-    >>> reader.reads[3].pattern.shape        # (batch, sel, head, source): rows of A at the chosen queries
-    torch.Size([2, 1, 4, 6])
-    >>> source_writes(model, 3, reader.reads[3]).sum(-2).shape  # == head_out at the queries
-    torch.Size([2, 1, 4, 64])
+    >>> reads = reader.reads[3]
+    >>> reads.pattern.shape[:2]              # (batch, sel), then (head, source): rows of A at the queries
+    torch.Size([2, 1])
+    >>> w = source_writes(model, 3, reads)   # (batch, sel, head, source, d_model)
+    >>> tr = sl.trace(model, ["The capital of France is", "Hello"], positions="last", heads=True)
+    >>> torch.allclose(w.sum(-2), tr["head_out", 3], atol=1e-6)
+    True
 """
 
 from __future__ import annotations
