@@ -320,3 +320,21 @@ def test_gemma2_sliding_window_and_soft_cap_are_read_as_computed(tmp_path):
         assert (outside == 0.0) == (kind == "sliding_attention"), (l, kind, outside)
     dec = sl.decompose(m, PROMPTS, " the", unit="source", positions=[-1, -2], progress=False)
     assert dec.check() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_source_ablation_recomputes_the_final_norm(tiny_models, arch):
+    """ablated_logit_renormed of head.l.h@k: the final norm recomputed on final_in minus that source's share."""
+    m = tiny_models(arch)
+    dec = sl.decompose(m, PROMPTS, " the", contrast=" a", unit="source", progress=False)
+    tr = sl.trace(m, PROMPTS, positions=-1, sources=True)
+    ids = [m.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" the", " a")]
+    W, b = m.unembed_weight()
+    u = (W[ids[0]] - W[ids[1]]).float()
+    c = 0.0 if b is None else float(b[ids[0]] - b[ids[1]])
+    x = tr["final_in"][:, 0]  # (prompt, d)
+    for l, h, k in ((1, 2, 0), (0, 1, 3), (1, 0, 5)):
+        w = tr["head_source_out", l][:, 0, h, k]  # (prompt, d)
+        want = m.final_norm(x - w) @ u + c
+        got = dec.ablated_renormed[dec.labels.index(f"head.{l}.{h}@{k}"), :, 0, 0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -72,12 +72,8 @@ def split_by_source(model, part: BatchDecomposition, reader: AttentionReader, tg
         vals = source_contributions(model, l, reads, r).cpu()  # (b, s, h, P, k)
         src_vals.append(vals.permute(2, 3, 0, 1, 4))  # (h, P, b, s, k)
         abl = torch.empty_like(vals)
-        for i in range(b):  # one prompt and head at a time: (s, P, d_model) per-source writes
-            row = _row(reads, i)
-            for h in range(a.n_heads):
-                w = source_writes(model, l, row, heads=[h])[0, :, 0]
-                renorm = model.final_norm(x[i][:, None] - w)  # the final norm recomputed without each source
-                abl[i, :, h] = (torch.einsum("spd,skd->spk", renorm, u[i]) + c[i][:, None]).cpu()
+        for i in range(b):  # one prompt at a time: (s, h, P, d_model) per-source writes
+            abl[i] = renormed_without(model.final_norm, x[i], source_writes(model, l, _row(reads, i))[0], u[i], c[i]).cpu()
         src_abl.append(abl.permute(2, 3, 0, 1, 4))
     flat = lambda ts: torch.stack(ts).flatten(0, 2)  # (L, h, P, b, s, k) -> (L·h·P, b, s, k)  # noqa: E731
     bias = labels.index("bias")
@@ -85,6 +81,27 @@ def split_by_source(model, part: BatchDecomposition, reader: AttentionReader, tg
     part.writes = [part.writes[i] for i in keep]  # per-source writes are not kept (no refinement uses them)
     part.values = torch.cat([part.values[keep], flat(src_vals), part.values[bias:bias + 1]])
     part.ablated = torch.cat([part.ablated[keep], flat(src_abl), part.ablated[bias:bias + 1]])
+
+
+def renormed_without(norm, x: Tensor, w: Tensor, u: Tensor, c: Tensor) -> Tensor:
+    """``u · norm(x − w) + c`` for many writes ``w`` ``(s, h, P, d)`` at once: ``(s, h, P, k)``.
+
+    The norm is recomputed without each write, in closed form so that no ``(s, h, P, d)`` temporary but ``w``
+    itself is made: with ``C`` the centring (identity for RMSNorm) and ``D = d_model``,
+    ``norm(x − w) = g ⊙ C(x − w) / sqrt(|C(x − w)|² / D + eps) + b``, and ``|C(x − w)|² = |Cx|² − 2 Cx·Cw + |Cw|²``.
+    ``x`` is ``(s, d)``, ``u`` ``(s, k, d)``, ``c`` ``(s, k)``. ``w`` is modified in place.
+    """
+    x, w = x.float(), w.float()
+    if norm.centres:
+        x = x - x.mean(-1, keepdim=True)
+        w -= w.mean(-1, keepdim=True)
+    gu = u.float() * (norm.gain.to(u.device).float() if norm.gain is not None else 1.0)  # (s, k, d)
+    const = c + (0.0 if norm.bias is None else u.float() @ norm.bias.to(u.device).float())  # (s, k)
+    n2 = torch.linalg.vector_norm(w, dim=-1).square()  # (s, h, P)
+    xw = torch.einsum("shpd,sd->shp", w, x)
+    scale = ((x.square().sum(-1)[:, None, None] - 2 * xw + n2) / x.shape[-1] + norm.eps).sqrt()  # (s, h, P)
+    num = torch.einsum("skd,sd->sk", gu, x)[:, None, None] - torch.einsum("shpd,skd->shpk", w, gu)  # (s, h, P, k)
+    return num / scale[..., None] + const[:, None, None]
 
 
 def _row(reads, i: int):
