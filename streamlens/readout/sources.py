@@ -30,7 +30,7 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.readout.components import BatchDecomposition, Component
 from streamlens.readout.targets import readouts
-from streamlens.stream.attention import AttentionReader, adjoint, source_contributions, source_writes
+from streamlens.stream.attention import AttentionReader, adjoint, kv_index, source_contributions, source_writes
 
 NOTE_QK = ("exact at the frozen norm scales, with the pattern as the model computed it; queries and keys "
            "enter through the softmax and cannot be split additively: use remove_from_input for their causal role")
@@ -72,8 +72,10 @@ def split_by_source(model, part: BatchDecomposition, reader: AttentionReader, tg
         vals = source_contributions(model, l, reads, r).cpu()  # (b, s, h, P, k)
         src_vals.append(vals.permute(2, 3, 0, 1, 4))  # (h, P, b, s, k)
         abl = torch.empty_like(vals)
-        for i in range(b):  # one prompt at a time: (s, h, P, d_model) per-source writes
-            abl[i] = renormed_without(model.final_norm, x[i], source_writes(model, l, _row(reads, i))[0], u[i], c[i]).cpu()
+        for i in range(b):  # one prompt and query at a time: (h, P, d_model) per-source writes
+            for j in range(s):
+                w = _writes_at(model, l, reads, i, j)
+                abl[i, j] = renormed_without(model.final_norm, x[i, j], w, u[i, j], c[i, j]).cpu()
         src_abl.append(abl.permute(2, 3, 0, 1, 4))
     flat = lambda ts: torch.stack(ts).flatten(0, 2)  # (L, h, P, b, s, k) -> (L·h·P, b, s, k)  # noqa: E731
     bias = labels.index("bias")
@@ -83,25 +85,36 @@ def split_by_source(model, part: BatchDecomposition, reader: AttentionReader, tg
     part.ablated = torch.cat([part.ablated[keep], flat(src_abl), part.ablated[bias:bias + 1]])
 
 
-def renormed_without(norm, x: Tensor, w: Tensor, u: Tensor, c: Tensor) -> Tensor:
-    """``u · norm(x − w) + c`` for many writes ``w`` ``(s, h, P, d)`` at once: ``(s, h, P, k)``.
+def _writes_at(model, l: int, reads, i: int, j: int) -> Tensor:
+    """Per-source head writes of prompt ``i`` at its ``j``-th query, ``(h, P, d)``, built in place (one tensor)."""
+    a = model.arch
+    if a.rule.write_norm("attn") is not None:  # Gemma 2: W_O read through the extra norm at this query's scale
+        return source_writes(model, l, _row(reads, i))[0, j]
+    w_o, _ = model.head_weights(l)
+    vh = reads.values_per_head(kv_index(a))[i]  # (P, h, e)
+    w = torch.einsum("phe,hem->hpm", vh, w_o.to(vh.device))  # (h, P, d): v_k W_O[h]
+    return w.mul_(reads.pattern[i, j][..., None])  # times A[h, q, k]
 
-    The norm is recomputed without each write, in closed form so that no ``(s, h, P, d)`` temporary but ``w``
-    itself is made: with ``C`` the centring (identity for RMSNorm) and ``D = d_model``,
-    ``norm(x − w) = g ⊙ C(x − w) / sqrt(|C(x − w)|² / D + eps) + b``, and ``|C(x − w)|² = |Cx|² − 2 Cx·Cw + |Cw|²``.
-    ``x`` is ``(s, d)``, ``u`` ``(s, k, d)``, ``c`` ``(s, k)``. ``w`` is modified in place.
+
+def renormed_without(norm, x: Tensor, w: Tensor, u: Tensor, c: Tensor) -> Tensor:
+    """``u · norm(x − w) + c`` for many writes ``w`` ``(h, P, d)`` at once: ``(h, P, k)``.
+
+    The norm is recomputed without each write in closed form, so that no temporary of ``w``'s size is made:
+    with ``C`` the centring (identity for RMSNorm) and ``D = d_model``, ``norm(x − w) = g ⊙ C(x − w) /
+    sqrt(|C(x − w)|² / D + eps) + b`` and ``|C(x − w)|² = |Cx|² − 2 Cx·Cw + |Cw|²``. ``x`` is ``(d,)``,
+    ``u`` ``(k, d)``, ``c`` ``(k,)``. ``w`` is modified in place.
     """
     x, w = x.float(), w.float()
     if norm.centres:
-        x = x - x.mean(-1, keepdim=True)
+        x = x - x.mean()
         w -= w.mean(-1, keepdim=True)
-    gu = u.float() * (norm.gain.to(u.device).float() if norm.gain is not None else 1.0)  # (s, k, d)
-    const = c + (0.0 if norm.bias is None else u.float() @ norm.bias.to(u.device).float())  # (s, k)
-    n2 = torch.linalg.vector_norm(w, dim=-1).square()  # (s, h, P)
-    xw = torch.einsum("shpd,sd->shp", w, x)
-    scale = ((x.square().sum(-1)[:, None, None] - 2 * xw + n2) / x.shape[-1] + norm.eps).sqrt()  # (s, h, P)
-    num = torch.einsum("skd,sd->sk", gu, x)[:, None, None] - torch.einsum("shpd,skd->shpk", w, gu)  # (s, h, P, k)
-    return num / scale[..., None] + const[:, None, None]
+    gu = u.float() * (norm.gain.to(u.device).float() if norm.gain is not None else 1.0)  # (k, d)
+    const = c + (0.0 if norm.bias is None else u.float() @ norm.bias.to(u.device).float())  # (k,)
+    flat = w.reshape(-1, w.shape[-1])  # (h·P, d), a view
+    n2 = torch.linalg.vector_norm(flat, dim=-1).square()
+    scale = ((x.square().sum() - 2 * (flat @ x) + n2) / x.shape[-1] + norm.eps).sqrt()  # (h·P,)
+    num = gu @ x - flat @ gu.T  # (h·P, k)
+    return (num / scale[:, None] + const).reshape(*w.shape[:-1], -1)
 
 
 def _row(reads, i: int):
