@@ -30,11 +30,19 @@ _WHERE = {
     "trace": "streamlens.stream.trace",
     "TraceStats": "streamlens.stream.stats",
     "trace_stats": "streamlens.stream.stats",
+    "AttentionPatterns": "streamlens.stream.attention",
+    "attention_patterns": "streamlens.stream.attention",
     "Component": "streamlens.readout.components",
     "LogitDecomposition": "streamlens.readout.decompose",
     "decompose": "streamlens.readout.decompose",
     "LogitLens": "streamlens.readout.lens",
     "logit_lens": "streamlens.readout.lens",
+    "ValuePaths": "streamlens.readout.paths",
+    "value_paths": "streamlens.readout.paths",
+    "FlowGraph": "streamlens.readout.flow",
+    "information_flow": "streamlens.readout.flow",
+    "InputRemoval": "streamlens.intervene.reads",
+    "remove_from_input": "streamlens.intervene.reads",
     "LayerSkipEvaluator": "streamlens.skip.evaluator",
     "skip_sweep": "streamlens.skip.evaluator",
     "prune_sweep": "streamlens.skip.evaluator",
@@ -64,13 +72,17 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static tools and IDEs see
     from streamlens.depth.claims import Dynamics, dynamics
     from streamlens.depth.gradients import GradientSplit, gradient_split
+    from streamlens.intervene.reads import InputRemoval, remove_from_input
     from streamlens.model.loading import Model, load
     from streamlens.model.probe import Architecture
     from streamlens.readout.components import Component
     from streamlens.readout.decompose import LogitDecomposition, decompose
+    from streamlens.readout.flow import FlowGraph, information_flow
     from streamlens.readout.lens import LogitLens, logit_lens
+    from streamlens.readout.paths import ValuePaths, value_paths
     from streamlens.skip.evaluator import LayerSkipEvaluator, prune_sweep, skip_sweep
     from streamlens.skip.sweeps import SkipSweep
+    from streamlens.stream.attention import AttentionPatterns, attention_patterns
     from streamlens.stream.inputs import load_texts
     from streamlens.stream.stats import TraceStats, trace_stats
     from streamlens.stream.trace import LayerStack, ResidualTrace, trace

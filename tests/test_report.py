@@ -82,11 +82,13 @@ def test_demo_on_a_tiny_model_writes_every_section(tiny_demo, tiny_models):
     res, out = tiny_demo
     assert res.missing == {}, res.missing
     html = res.report.read_text()
-    for heading in ("Model", "Direct logit attribution", "Residual-stream trace", "Layer × position", "Logit lens",
-                    "Skip sweep", "Dynamics"):
+    for heading in ("Model", "Direct logit attribution", "Attention reads across positions", "Information flow",
+                    "Attention patterns", "Residual-stream trace", "Layer × position", "Logit lens", "Skip sweep",
+                    "Dynamics"):
         assert heading in html
-    assert html.count("plotly-graph-div") >= 6 and "FAILED" not in html
-    for name in ("decompose_layer", "decompose_layer_mean", "trace_corpus", "logit_lens", "skip_sweep", "dynamics"):
+    assert html.count("plotly-graph-div") >= 9 and "FAILED" not in html
+    for name in ("decompose_layer", "decompose_layer_mean", "decompose_source", "flow_graph", "trace_corpus",
+                 "logit_lens", "skip_sweep", "dynamics"):
         assert (out / f"{name}.csv").exists(), name
     summary = json.loads((out / "report_summary.json").read_text())
     assert summary["arch"]["n_layers"] == 2 and not summary["missing"]

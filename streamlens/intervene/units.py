@@ -127,3 +127,18 @@ def check_mode(mode: str, unit: Unit) -> None:
         )
 
 
+
+
+def parse_heads(model, heads) -> list[tuple[int, int]]:
+    """Attention heads from ``"head.1.2"``, ``(1, 2)`` or a list of them: checked ``(layer, head)`` pairs."""
+    if isinstance(heads, (str, Unit)) or (isinstance(heads, tuple) and heads and not isinstance(heads[0], tuple)):
+        heads = [heads]
+    out = []
+    for spec in heads:
+        if isinstance(spec, tuple) and spec and not isinstance(spec[0], str):
+            spec = ("head", *spec)
+        unit = parse_unit(model, spec)
+        if unit.kind != "head":
+            raise StreamlensError(f"{spec!r} is not an attention head: write 'head.LAYER.HEAD' or (LAYER, HEAD)")
+        out.append((unit.layer, unit.head))
+    return out

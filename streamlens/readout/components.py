@@ -13,20 +13,21 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 #: What a component is: ``embed`` (token/positional embedding), ``attn``, ``head``, ``mlp``,
-#: ``neuron``, or ``bias`` (the output bias of a layer's attention, and the last component: the final
+#: ``neuron``, ``source`` (a head's share read at one source position), or ``bias`` (the output bias of a layer's attention, and the last component: the final
 #: norm's bias plus the unembedding's bias).
-KINDS = ("embed", "attn", "head", "mlp", "neuron", "bias")
+KINDS = ("embed", "attn", "head", "mlp", "neuron", "source", "bias")
 
 
 @dataclass(frozen=True)
 class Component:
-    """One writer: its label, kind and where it sits (layer, head, neuron where they apply)."""
+    """One writer: its label, kind and where it sits (layer, head, neuron, source position where they apply)."""
 
     label: str
     kind: str
     layer: int | None = None
     head: int | None = None
     neuron: int | None = None
+    source: int | None = None
 
 
 BIAS = Component("bias", "bias")

@@ -19,7 +19,9 @@ ablated_logit_renormed``: compare it with the exact ``value`` to see what freezi
 Units: ``"layer"`` (embed, pos_embed, attn.l, mlp.l, bias), ``"head"`` (attn.l split into head.l.h plus
 attn_bias.l, the output projection's bias) and ``"neuron"`` (the ``neurons`` largest-magnitude MLP
 neurons of each chosen layer, chosen by mean |contribution| over the whole data set, plus
-``mlp_rest.l``, the rest of that layer's write: other neurons and the down projection's bias).
+``mlp_rest.l``, the rest of that layer's write: other neurons and the down projection's bias) and
+``"source"`` (every head split by the source position it read, ``head.l.h@k``, summing to the head's
+``unit="head"`` value; see :mod:`streamlens.readout.sources`).
 
 Post-norm models (BERT) are refused: every block renormalises, so the final residual is not a sum of
 writes, and BERT's head applies a dense layer and GELU before its norm, so no per-writer split of the
@@ -45,12 +47,14 @@ from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result, fmt
 from streamlens.readout.components import BIAS, BatchDecomposition, Component
 from streamlens.readout.neurons import neuron_values, split_neurons
+from streamlens.readout.sources import NOTE_QK, check_source_target, pad_sources, source_valid, split_by_source
 from streamlens.readout.targets import Target, readout, readouts, resolve
 from streamlens.readout.unembed import require_linear_readout
+from streamlens.stream.attention import AttentionReader
 from streamlens.stream.engine import capture
 from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
-UNITS = ("layer", "head", "neuron")
+UNITS = ("layer", "head", "neuron", "source")
 
 
 # ---------------------------------------------------------------------------- the result
@@ -75,6 +79,8 @@ class LogitDecomposition(Result):
     contrast_ids: Int[Tensor, "prompt sel target"] | None = field(repr=False)
     target_names: dict[int, str] = field(repr=False, default_factory=dict)
     note: str = ""
+    str_tokens: tuple[tuple[str, ...], ...] = field(repr=False, default=())  # each prompt's tokens (unit="source")
+    causal: bool = True
 
     def __post_init__(self):
         n = len(self.components)
@@ -103,6 +109,10 @@ class LogitDecomposition(Result):
     @property
     def neurons(self) -> tuple[int | None, ...]:
         return tuple(c.neuron for c in self.components)
+
+    @property
+    def sources(self) -> tuple[int | None, ...]:
+        return tuple(c.source for c in self.components)
 
     # -------------------------------------------------------------- numbers
     def total(self) -> Float[Tensor, "prompt sel target"]:
@@ -142,7 +152,10 @@ class LogitDecomposition(Result):
         Columns: ``component``, ``kind`` (embed/attn/mlp/head/neuron/bias), ``layer``, ``head``,
         ``neuron``, ``prompt``, ``sel`` (index into the chosen positions), ``position`` (absolute
         token position), ``target_index``, ``target``, ``value`` (exact contribution),
-        ``ablated_logit_renormed``, ``direct_effect_renormed`` and ``model_value``.
+        ``ablated_logit_renormed``, ``direct_effect_renormed`` and ``model_value``. With
+        ``unit="source"`` also ``source`` (the position a head read) and ``source_token``, one row per
+        (prompt, position, target, layer, head, source) the query can read (sources after the query
+        or in the padding are left out).
         """
         C, n, s, k = self.values.shape
         idx = torch.cartesian_prod(*(torch.arange(d) for d in (C, n, s, k))).reshape(-1, 4)
@@ -163,10 +176,22 @@ class LogitDecomposition(Result):
             "direct_effect_renormed": (model - abl).numpy(),
             "model_value": model.numpy(),
         })
+        if self.unit == "source":
+            src = torch.tensor([-1 if q.source is None else q.source for q in self.components])[c]
+            valid = source_valid(self.positions, [len(t) for t in self.str_tokens], int(src.max()) + 1, self.causal)
+            keep = (src < 0) | valid[i, j, src.clamp_min(0)]
+            df.insert(4, "source", pd.array([None if q < 0 else q for q in src.tolist()], dtype="Int64"))
+            df.insert(5, "source_token", [self.str_tokens[a][q] if 0 <= q < len(self.str_tokens[a]) else None
+                                          for a, q in zip(i.tolist(), src.tolist())])
+            df = df[keep.numpy()].reset_index(drop=True)
         return df
 
     def plot(self):
         """Bars per component; layer × position heatmap for several positions; layer × head grid for heads."""
+        if self.unit == "source":
+            from streamlens.present.attention import source_figure
+
+            return source_figure(self)
         from streamlens.present import figures
 
         return figures.decomposition_figure(self)
@@ -301,7 +326,8 @@ def decompose(
             ``chunk_size`` tokens at a time); or a float tensor ``u`` of shape ``(d_model,)``, whose
             value is ``u · ln_final(x)`` (the final norm's output, the vector the unembedding reads).
         contrast: a token (or one per prompt): decompose the logit difference ``target − contrast``.
-        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias) or ``"neuron"``.
+        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias), ``"neuron"`` or
+            ``"source"`` (per attention head and source position it read, ``head.l.h@k``).
         positions: which token(s) to read out at (the vocabulary of
             :func:`streamlens.stream.inputs.select_positions`; default ``-1``, the last real token
             of every prompt). Every prompt needs the same number of positions: ints, ``"last"`` or
@@ -335,6 +361,8 @@ def decompose(
     chunks = list(batches(items, batch_size))
     tgt = resolve(model, target, contrast, len(items))
     neuron_layers: tuple[int, ...] = ()
+    if unit == "source":
+        check_source_target(tgt)
     if unit == "neuron":
         if tgt.kind == "vocab":
             raise StreamlensError("unit='neuron' with target='vocab' would need d_vocab × d_mlp values per position; "
@@ -347,18 +375,27 @@ def decompose(
         neuron_layers = model.check_layers(layers)
     elif layers is not None:
         raise StreamlensError(f"layers= chooses MLP layers for unit='neuron'; with unit={unit!r} every layer is included")
-    parts, pos_all = [], []
+    parts, pos_all, str_tokens = [], [], []
     for start, chunk in tqdm(chunks, desc="decompose", unit="batch", disable=not progress):
         batch = encode(model, chunk, prepend_bos=prepend_bos)
         pos_idx, valid = select_positions(batch, positions)
         if not bool(valid.all()):
             raise StreamlensError(f"positions {positions!r} selects a different number of real tokens per prompt; "
                                   "decompose needs the same number for every prompt (use ints or 'last')")
-        parts.append(_decompose_batch(model, batch, pos_idx, tgt.take(start, start + len(batch)), unit,
-                                      neuron_layers, chunk_size))
+        tgt_b = tgt.take(start, start + len(batch))
+        if unit == "source":  # the head batch, with each head's read recorded and split by source position
+            reader = AttentionReader(model, tuple(batch.input_ids.shape), pos_idx, range(model.arch.n_layers))
+            with hooks.attached(reader.hooks()):
+                parts.append(_decompose_batch(model, batch, pos_idx, tgt_b, "head", (), chunk_size))
+            split_by_source(model, parts[-1], reader, tgt_b, chunk_size)
+        else:
+            parts.append(_decompose_batch(model, batch, pos_idx, tgt_b, unit, neuron_layers, chunk_size))
         pos_all.append(pos_idx)
+        str_tokens += batch.str_tokens
     if neuron_layers:
         split_neurons(model, parts, neuron_layers, neurons)
+    if unit == "source":
+        pad_sources(model, parts)
     ids = None if parts[0].ids is None else torch.cat([p.ids.cpu() for p in parts])
     con = None if parts[0].contrast is None else torch.cat([p.contrast.cpu() for p in parts])
     used = sorted(set(range(model.arch.d_vocab) if tgt.kind == "vocab" else
@@ -369,9 +406,12 @@ def decompose(
                          else [model.tokenizer.decode([i]) for i in used]))
     note = ("exact: contributions at the final norm's frozen scale sum to the model's own value; "
             "ablated_logit_renormed recomputes the norm without the component (not additive)")
+    if unit == "source":
+        note += "; each head split by the source its values were read at (" + NOTE_QK + ")"
     return LogitDecomposition(
         model_name=model.name, unit=unit, target_kind=tgt.kind, components=tuple(parts[0].components),
         values=torch.cat([p.values for p in parts], dim=1), ablated_renormed=torch.cat([p.ablated for p in parts], dim=1),
         model_values=torch.cat([p.model_values for p in parts]), positions=torch.cat(pos_all),
         target_ids=ids, contrast_ids=con, target_names=names, note=note,
+        str_tokens=tuple(str_tokens) if unit == "source" else (), causal=model.arch.causal,
     )

@@ -210,6 +210,46 @@ def _section_decompose(run: _Run, prompts: list[str]) -> None:
     run.stat("decompose", "mean model logit", float(layer_dec.model_values.mean()))
 
 
+def _section_attention(run: _Run, prompts: list[str]) -> None:
+    """Where the next-token prediction of the first prompt was read from: per source, flow graph, patterns."""
+    from streamlens.present.attention import pattern_figure
+    from streamlens.readout.decompose import decompose
+    from streamlens.readout.flow import information_flow
+    from streamlens.stream.attention import attention_patterns
+
+    title = "Attention reads across positions"
+    dec = decompose(run.model, prompts[:1], "top:1", unit="source", progress=False)
+    err = dec.check()
+    df = dec.to_dataframe()
+    src = df[df["kind"] == "source"]
+    run.html.section(title)
+    run.html.check("Per-source exactness (heads split by source position, + the rest = the model's logit)", err,
+                   DECOMPOSE_TOL, what=f"prompt {prompts[0]!r}, target {src['target'].iloc[0]!r}")
+    run.stat("attention", "per-source exactness error", err)
+    run.csv("decompose_source", src)
+    per_head = src.groupby(["layer", "head"])["value"].sum()
+    top = per_head.abs().sort_values(ascending=False).index[:8]
+    rows = []
+    for l, h in top:
+        r = src[(src["layer"] == l) & (src["head"] == h)]
+        best = r.loc[r["value"].abs().idxmax()]
+        rows.append({"head": f"head.{l}.{h}", "contribution": float(per_head[(l, h)]), "reads most from": int(best["source"]),
+                     "token": best["source_token"], "share from there": float(best["value"] / per_head[(l, h)])})
+    run.html.table("Heads with the largest contribution and the source they read it from", pd.DataFrame(rows))
+    run.html.figure(None, dec.plot())
+    graph = information_flow(run.model, prompts[0], int(dec.target_ids[0, 0, 0]), threshold=0.03)
+    run.stat("attention", "flow graph exactness error", graph.check())
+    run.csv("flow_graph", graph.to_dataframe())
+    run.html.figure("Information flow to the prediction (exact contributions; queries and keys are not split)",
+                    graph.plot())
+    l0, h0 = top[0]
+    pats = attention_patterns(run.model, prompts[:1], layers=[int(l0)])
+    run.html.figure(f"Attention patterns of layer {l0} (menu: head)",
+                    pattern_figure(pats[int(l0)][0], pats.str_tokens[0], title=f"layer {l0}",
+                                   head_names=[f"head {l0}.{h}" for h in range(pats.patterns.shape[2])]))
+    run.stat("attention", "top head", f"head.{l0}.{h0}")
+
+
 def _bars_with_ci(per: pd.DataFrame):
     per = per.assign(half=per["hi"] - per["mean"])
     return figures.layer_bars(per, x="layer", y="mean", error="half", color="kind",
@@ -322,6 +362,7 @@ def build_report(model, texts: Sequence[str], out: str | Path, *, title: str | N
     run.html.facts("Model", facts)
     sections = (
         ("Direct logit attribution", lambda: _section_decompose(run, prompts)),
+        ("Attention reads across positions", lambda: _section_attention(run, prompts)),
         ("Residual-stream trace", lambda: _section_trace(run, prompts, texts, batch_size=batch_size, max_tokens=max_tokens)),
         ("Logit lens", lambda: _section_lens(run, prompts)),
         ("Skip sweep", lambda: _section_sweep(run, texts, unit=unit, batch_size=batch_size, max_tokens=max_tokens)),

@@ -23,6 +23,12 @@ resid_post         resid_mid + mlp_out      pre + attn + mlp    resid_mid + mlp_
 that norm's scale on this input). Globals: ``embed``, ``pos_embed``, ``final_in``, ``final_scale``,
 ``final_out`` and ``logits``.
 
+Attention reads across positions (``patterns=True``, see :mod:`streamlens.stream.attention`):
+``pattern`` ``(batch, sel, head, source)``, the rows of each head's attention pattern at the traced
+query positions over every source position; with ``sources=True`` also ``head_source_out``
+``(batch, sel, head, source, d_model)``, each head's write split by the source position it read,
+``head_source_out.sum(source) == head_out``.
+
 Example:
     >>> tr = streamlens.trace(model, ["The cat sat", "Hello"], positions="last")
     >>> tr["resid_post", 3].shape          # (batch, selected positions, d_model)
@@ -42,15 +48,21 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
+from streamlens.model import hooks
 from streamlens.model.layouts import SUBLAYERS
 from streamlens.model.loading import Model, as_model
 from streamlens.model.norms import NormSpec
 from streamlens.model.probe import Architecture
 from streamlens.present.results import Result, fmt
+from streamlens.stream.attention import AttentionReader, source_writes
 from streamlens.stream.engine import GLOBAL_NAMES, LAYER_NAMES, capture, check_sublayers
 from streamlens.stream.inputs import Inputs, Positions, encode, recorded, select_positions
 
 ALIASES = {"attn_write": "attn_out", "mlp_write": "mlp_out", "head_write": "head_out"}
+#: Per-layer names of a trace: the engine's, plus the attention reads (``patterns=True`` / ``sources=True``).
+TRACE_NAMES = LAYER_NAMES + ("pattern", "head_source_out")
+#: The axes after ``(layer, batch, sel)`` of each per-layer name in a :class:`LayerStack`.
+_DIMS = {"head_out": ("head", "d_model"), "pattern": ("head", "source"), "head_source_out": ("head", "source", "d_model")}
 
 
 # ---------------------------------------------------------------------------- results
@@ -98,8 +110,8 @@ class ResidualTrace(Result):
         name = ALIASES.get(name, name)
         if name in GLOBAL_NAMES:
             return name, None
-        if name not in LAYER_NAMES:
-            raise StreamlensError(f"unknown name {name!r}; layer names: {LAYER_NAMES}; globals: {GLOBAL_NAMES}")
+        if name not in TRACE_NAMES:
+            raise StreamlensError(f"unknown name {name!r}; layer names: {TRACE_NAMES}; globals: {GLOBAL_NAMES}")
         if layer is None:
             raise StreamlensError(f"{name!r} is per layer: use trace[{name!r}, layer]")
         n = self.arch.n_layers
@@ -122,8 +134,8 @@ class ResidualTrace(Result):
     def stack(self, name: str) -> LayerStack:
         """``name`` over every traced layer: a :class:`LayerStack` of shape ``(layer, batch, sel, ...)``."""
         ts = [self[name, l] for l in self.layers]
-        extra = ("head",) if ALIASES.get(name, name) == "head_out" else ()
-        return LayerStack(ALIASES.get(name, name), self.layers, torch.stack(ts), ("layer", "batch", "sel") + extra + ("d_model",))
+        name = ALIASES.get(name, name)
+        return LayerStack(name, self.layers, torch.stack(ts), ("layer", "batch", "sel") + _DIMS.get(name, ("d_model",)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -156,6 +168,8 @@ class ResidualTrace(Result):
                     rule.equations(named, lambda comp, l=l: self.norms[(l, comp)])]
             if "head_out" in named:
                 errs.append(dev(named["head_out"].float().sum(-2) + named["attn_bias_out"].float(), named["attn_out"]))
+            if "head_source_out" in named:  # the per-source split of each head's write
+                errs.append(dev(named["head_source_out"].float().sum(-2), named["head_out"]))
             worst = torch.stack([worst, *errs]).max()
         if self.arch.embed_is_sum and 0 in self.layers and ("embed", None) in self.acts:
             emb = self["embed"] + (self["pos_embed"] if ("pos_embed", None) in self.acts else 0)
@@ -225,6 +239,8 @@ def trace(
     layers: int | Sequence[int] | None = None,
     sublayers: str | Sequence[str] = SUBLAYERS,
     heads: bool = False,
+    patterns: bool = False,
+    sources: bool = False,
     store_dtype: torch.dtype | None = None,
     store_device: str | torch.device | None = None,
     prepend_bos: bool | None = None,
@@ -240,6 +256,12 @@ def trace(
         layers: the layers to record (default all).
         sublayers: ``("attn", "mlp")`` or one of them.
         heads: also split each attention write into per-head writes (``head_out``).
+        patterns: also record each head's attention pattern at the traced positions (``pattern``,
+            ``(batch, sel, head, source)``), checked against what the heads really mixed.
+        sources: also split each head's write at the traced positions by source position
+            (``head_source_out``, ``(batch, sel, head, source, d_model)``; implies ``patterns`` and
+            ``heads``). Its size is ``batch × sel × heads × pos × d_model`` per layer: choose
+            ``positions`` (e.g. ``"last"``) to keep it small.
         store_dtype: dtype to store activations in (e.g. ``torch.float16`` to halve memory).
         store_device: where to keep them (e.g. ``"cpu"`` while the model runs on a GPU).
         prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
@@ -255,16 +277,27 @@ def trace(
     pos_idx, sel_mask = select_positions(batch, positions)
     store = _storer(store_dtype, store_device, copy=positions is None)
     acts: dict[tuple[str, int | None], Tensor] = {}
+    heads = heads or sources
+    reader = None
+    if patterns or sources:
+        reader = AttentionReader(model, tuple(batch.input_ids.shape), pos_idx, layers_t, all_positions=positions is None)
 
     def on_layer(layer, named):
         for k, v in named.items():
             acts[(k, layer)] = v
+        if reader is not None:  # this layer's attention has run: its reads are complete
+            reader.check_layer(layer, sel_mask)
+            reads = reader.reads.pop(layer)
+            acts[("pattern", layer)] = store(reads.pattern)
+            if sources:
+                acts[("head_source_out", layer)] = store(source_writes(model, layer, reads))
 
     def on_global(name, t):
         acts[(name, None)] = t
 
-    logits = capture(model, batch, None if positions is None else pos_idx, layers=layers_t, sublayers=subs,
-                     heads=heads, store=store, on_layer=on_layer, on_global=on_global)
+    with hooks.attached(reader.hooks() if reader is not None else []):
+        logits = capture(model, batch, None if positions is None else pos_idx, layers=layers_t, sublayers=subs,
+                         heads=heads, store=store, on_layer=on_layer, on_global=on_global)
     # The logits are a fresh tensor already: move or cast them, never copy them (50k x pos floats).
     acts[("logits", None)] = logits.to(device=store_device or logits.device, dtype=store_dtype or logits.dtype)
     if model.final_norm is not None and ("final_in", None) in acts:
