@@ -84,8 +84,9 @@ class DemoResult(Result):
 
 
 #: The CSV tables a report writes (``<name>.csv``), besides the HTML, its summary JSON and the sweep's rows.
-TABLES = ("decompose_layer", "decompose_head", "decompose_layer_mean", "decompose_head_mean", "trace_prompts",
-          "block_update_heatmap", "trace_corpus", "logit_lens", "skip_sweep", "dynamics", "dynamics_claims")
+TABLES = ("decompose_layer", "decompose_head", "decompose_layer_mean", "decompose_head_mean", "decompose_source",
+          "flow_graph", "trace_prompts", "block_update_heatmap", "trace_corpus", "logit_lens", "skip_sweep", "dynamics",
+          "dynamics_claims")
 SWEEP_ROWS = "skip_sweep.jsonl"
 
 
