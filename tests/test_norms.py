@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from streamlens.errors import UnsupportedModelError
-from streamlens.norms import identify_norm
+from streamlens.model.norms import identify_norm
 
 D = 16
 
