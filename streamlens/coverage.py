@@ -218,12 +218,15 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 def _describe(model) -> dict[str, str]:
     a = model.arch
-    writers = getattr(a, "writers", None) or ("attn", "mlp")
+    per_block = getattr(a, "writers", None) or (("attn", "mlp"),)
+    writers = " / ".join(dict.fromkeys("+".join(w for w in ws if w != "-") for ws in per_block))
     readout = getattr(a, "readout", None)
     if readout is None:
         readout = "unembed" if a.logits_are_unembed else "not unembed(ln_final(x))"
-    return dict(layout=str(a.layout), writers="+".join(writers) if not isinstance(writers, str) else writers,
-                norm=str(a.norm), readout=str(readout))
+    rule = a.rule
+    layout = a.layout + (f" ({rule.adjustments})" if getattr(rule, "adjustments", "") else "")
+    norm = str(a.norm) + (f", final {a.final_norm}" if a.final_norm and a.final_norm != a.norm else "")
+    return dict(layout=layout, writers=writers, norm=norm, readout=str(readout))
 
 
 def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
