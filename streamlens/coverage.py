@@ -221,6 +221,8 @@ def _describe(model) -> dict[str, str]:
     per_block = getattr(a, "writers", None) or (("attn", "mlp"),)
     writers = " / ".join(dict.fromkeys("+".join(w for w in ws if w != "-") for ws in per_block))
     readout = getattr(a, "readout", None)
+    if getattr(a, "readout_problem", ""):
+        readout = "other (refused)"
     if readout is None:
         readout = "unembed" if a.logits_are_unembed else "not unembed(ln_final(x))"
     rule = a.rule
@@ -234,8 +236,10 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
 
     import streamlens as sl
 
+    row.reason = "load: "
     model = sl.load(str(folder))
     row.__dict__.update(_describe(model))
+    row.reason = "trace: "
     prompts = ["The cat sat on the mat because it was", "def f(x): return x"]
     tr = sl.trace(model, prompts)
     row.numbers["closure"] = tr.closure_error()
@@ -248,9 +252,11 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
     rel = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)
     row.numbers["logits"] = float(rel[m].max())
 
+    row.reason = "decompose: "
     dec = sl.decompose(model, prompts, "top:3", progress=False)
     row.numbers["decompose"] = dec.check()
 
+    row.reason = "skip: "
     ids = torch.randint(1, model.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
     ev = sl.LayerSkipEvaluator(model, ids, batch_size=3, n_boot=10, progress=False)
     row.skip_path = ev.path
@@ -277,6 +283,7 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
     if any(v > 1e-6 for k, v in row.numbers.items() if k.startswith("skip_top1_gap")):
         bad.append("block-skip top-1 differs from hand-built hooks")
     row.result, row.reason = ("mismatch", "; ".join(bad)) if bad else ("pass", "")
+    row.readout = str(getattr(model.arch, "readout", row.readout))
 
 
 class _Timeout(Exception):
@@ -324,13 +331,13 @@ def check_architecture(architecture: str, root: str | Path, *, time_limit: float
                     return row
                 _checks(architecture, folder, row)
         except StreamlensError as e:  # includes UnsupportedModelError: a refusal with a reason
-            row.result, row.reason = "refused", _one_line(e)
+            row.result, row.reason = "refused", row.reason + _one_line(e)
         except _Timeout as e:
             row.result, row.reason = "crash", f"timeout: {e}"
         except Exception as e:
             tb = traceback.extract_tb(e.__traceback__)
             where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb) if "streamlens" in f.filename), "")
-            row.result, row.reason = "crash", _one_line(e) + (f" (at {where})" if where else "")
+            row.result, row.reason = "crash", row.reason + _one_line(e) + (f" (at {where})" if where else "")
         finally:
             row.seconds = round(time.perf_counter() - t0, 2)
     return row

@@ -46,6 +46,7 @@ GLOBAL_POINTS: tuple[tuple[str, str], ...] = (
     ("pos_embed", "out"),
     ("ln_final", "in"),
     ("ln_final", "out"),
+    ("unembed", "in"),
     ("unembed", "out"),
 )
 

@@ -61,6 +61,26 @@ class Architecture:
     write_scale: float = 1.0
     #: What fills each slot, per block: ``(("attn", "mlp"), ("mixer", "mlp"), ...)`` in the bridge's names.
     writers: tuple[tuple[str, ...], ...] = ()
+    #: The model's own final transform of ``z = unembed(ln_final(x))``: ``logits = cap · tanh(scale · z / cap)``
+    #: (no cap: ``scale · z``). Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma 2's soft-cap.
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    #: Why the logits are not a known transform of ``unembed(ln_final(x))`` ('' when they are).
+    readout_problem: str = ""
+
+    @property
+    def readout(self) -> str:
+        """The readout in words: ``unembed``, ``0.5 · unembed``, ``softcap(30) of unembed``."""
+        z = "unembed" if self.logit_scale == 1.0 else f"{self.logit_scale:g} · unembed"
+        return z if self.logit_softcap is None else f"softcap({self.logit_softcap:g}) of {z}"
+
+    def final_transform(self, z: Tensor) -> Tensor:
+        """The model's own map from ``unembed(ln_final(x))`` to its logits (scale, then soft-cap)."""
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.logit_softcap is not None:
+            z = torch.tanh(z / self.logit_softcap) * self.logit_softcap
+        return z
 
     @property
     def rule(self) -> Layout:
@@ -188,6 +208,44 @@ def _check_residual_shape(model: Model, rec: dict, shape: tuple[int, int], d_mod
             )
 
 
+def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[float, float | None, str]:
+    """``(logit_scale, logit_softcap, problem)``: how the logits follow from ``z = unembed(ln_final(x))``.
+
+    Checked in order on the probe's numbers: the config's final soft-cap (``final_logit_softcapping``),
+    then ``logits = z``, then ``logits = s · z`` with one positive ``s`` measured by least squares.
+    """
+    if unembed_out is None:
+        return 1.0, None, "the model has no unembedding the bridge can hook"
+    if final_out is not None and unembed_in is not None and relative_error(unembed_in, final_out) > _TOL:
+        ends = (getattr(model.bridge, "unembed", None), getattr(model.bridge, "ln_final", None))
+        head = [n for n, m in model.hf.named_children()
+                if hasattr(m, "hook_out") and all(m is not e for e in ends) and not isinstance(m, nn.ModuleList)
+                and n not in ("model", "transformer", "embed_tokens")]
+        return 1.0, None, (f"a prediction head ({', '.join(head) or 'a module'}) sits between the final norm and the "
+                           "unembedding, so the logits are not linear in the final norm's output")
+    z, logits = unembed_out.float(), logits.float()
+    cfg = getattr(model.hf, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    scale = float((logits * z).sum() / (z * z).sum().clamp_min(1e-30))
+    if isinstance(cap, (int, float)) and cap > 0:
+        capped = torch.tanh(z / cap) * cap
+        if relative_error(capped, logits) <= _TOL:
+            return 1.0, float(cap), ""
+    if relative_error(z, logits) <= _TOL:
+        return 1.0, None, ""
+    if scale > 0 and relative_error(z * scale, logits) <= _TOL:
+        for known in ("logit_scale", "lm_head_multiplier"):  # prefer the config's exact value where it is the one measured
+            v = getattr(cfg, known, None)
+            if isinstance(v, (int, float)) and abs(v - scale) <= 1e-4 * abs(v):
+                scale = float(v)
+        v = getattr(cfg, "logits_scaling", None)
+        if isinstance(v, (int, float)) and v and abs(1 / v - scale) <= 1e-4 / abs(v):
+            scale = 1.0 / float(v)
+        return scale, None, ""
+    return 1.0, None, ("the logits are no soft-cap or positive scale of unembed(ln_final(x)) "
+                       f"(relative error of the best scale: {relative_error(z * scale, logits):.1e})")
+
+
 def probe(model: Model) -> Architecture:
     """Measure ``model``'s :class:`Architecture` (and fill ``model.block_norms`` / ``model.final_norm``)."""
     _check_stack(model)
@@ -253,8 +311,9 @@ def probe(model: Model) -> Architecture:
     embed_is_sum = embed is not None and first is not None and relative_error(embed + (pos if pos is not None else 0), first) <= _TOL
     last_out, final_in = pt(n_layers - 1, "block", "out"), pt(None, "ln_final", "in")
     final_reads = last_out is not None and final_in is not None and relative_error(final_in, last_out) <= _TOL
-    unembed_out = pt(None, "unembed", "out")
-    logits_are_unembed = unembed_out is not None and relative_error(unembed_out, logits) <= _TOL
+    logit_scale, logit_softcap, readout_problem = _readout(model, pt(None, "ln_final", "out"), pt(None, "unembed", "in"),
+                                                            pt(None, "unembed", "out"), logits)
+    logits_are_unembed = not readout_problem
     w, b = model.unembed_weight()
 
     n_heads = int(cfg.n_heads)
@@ -279,6 +338,9 @@ def probe(model: Model) -> Architecture:
         final_norm=model.final_norm.kind if model.final_norm else None,
         final_reads_last_resid=final_reads,
         logits_are_unembed=logits_are_unembed,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        readout_problem=readout_problem,
         # The bridge gives a bias-free lm_head an all-zero bias *buffer*; only a learned one counts.
         unembed_bias=b is not None and (isinstance(model.bridge.unembed.original_component.bias, nn.Parameter)
                                         or bool(b.abs().max() > 0)),

@@ -53,6 +53,8 @@ class BatchDecomposition:
     readout: tuple[Tensor, Tensor] | None = field(repr=False, default=None)
     neuron_acts: dict[int, Tensor] = field(repr=False, default_factory=dict)
     neuron_values: dict[int, Tensor] = field(repr=False, default_factory=dict)
+    #: Soft-capped models: the capped logits the model outputs (``model_values`` are the pre-cap ones).
+    capped_values: Tensor | None = field(repr=False, default=None)
 
     def index(self, label: str) -> int:
         return [c.label for c in self.components].index(label)

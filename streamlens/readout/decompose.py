@@ -81,6 +81,9 @@ class LogitDecomposition(Result):
     note: str = ""
     str_tokens: tuple[tuple[str, ...], ...] = field(repr=False, default=())  # each prompt's tokens (unit="source")
     causal: bool = True
+    #: Soft-capped models (Gemma 2): the capped logits the model outputs; ``model_values`` (what the
+    #: contributions add up to) are the logits before the cap. None otherwise.
+    capped_values: Float[Tensor, "prompt sel target"] | None = field(repr=False, default=None)
 
     def __post_init__(self):
         n = len(self.components)
@@ -184,6 +187,8 @@ class LogitDecomposition(Result):
             df.insert(5, "source_token", [self.str_tokens[a][q] if 0 <= q < len(self.str_tokens[a]) else None
                                           for a, q in zip(i.tolist(), src.tolist())])
             df = df[keep.numpy()].reset_index(drop=True)
+        if self.capped_values is not None:  # the soft-capped logit the model outputs, beside the pre-cap one
+            df["model_value_capped"] = self.capped_values.reshape(-1).repeat(C).numpy()
         return df
 
     def plot(self):
@@ -227,13 +232,14 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
     def on_layer(layer, named):
         if layer == 0:
             glob["resid_pre0"] = named["resid_pre"]
-        if unit == "head":
+        if unit == "head" and "head_out" in named:
             for h in range(a.n_heads):
                 writers.append((Component(f"head.{layer}.{h}", "head", layer, h), named["head_out"][:, :, h]))
             writers.append((Component(f"attn_bias.{layer}", "bias", layer), named["attn_bias_out"]))
         else:
             writers.append((Component(f"attn.{layer}", "attn", layer), named["attn_out"]))
-        writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
+        if "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
+            writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
 
     def on_global(name, t):
         glob[name] = t
@@ -244,6 +250,9 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
             acts[l] = hooks.select_positions_of(t, (b, p), bidx, pidx).float()
 
         extra.append((down_projection(model, l)[2], grab))
+    if a.logit_softcap is not None:  # the pre-cap logits z (scaled below): what the contributions add up to
+        extra.append((hooks.global_point(model.bridge, "unembed", "out"),
+                      lambda t: glob.__setitem__("unembed_out", hooks.select_positions_of(t, (b, p), bidx, pidx).float())))
     with hooks.attached(extra):
         logits = capture(model, batch, pos_idx, layers=range(a.n_layers), heads=unit == "head",
                          store=lambda t: t.float(), on_layer=on_layer, on_global=on_global)
@@ -254,6 +263,12 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
     else:  # whatever enters block 0 (e.g. a scaled or projected embedding) is one writer
         emb = [(Component("embed", "embed"), glob["resid_pre0"])]
     return emb + writers, glob, acts, logits.float()
+
+
+def _pick(logits: Tensor, ids: Tensor, con: Tensor | None) -> Tensor:
+    """The logits of ``ids`` (minus those of ``con``): ``(b, s, k)``."""
+    vals = logits.gather(-1, ids.to(logits.device))
+    return vals if con is None else vals - logits.gather(-1, con.to(logits.device))
 
 
 def _apply(u_rows, ys: Tensor, shared: bool) -> Tensor:
@@ -281,16 +296,20 @@ def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, ch
         vals[-1, ..., sl] += cb.cpu()
         abl[:-1, ..., sl] = (_apply(u, renormed, shared) + cb).cpu()
         u_last = (u.expand(b, s, -1, -1) if shared else u), cb
+    capped = None
+    if a.logit_softcap is not None:  # contributions add up to the pre-cap logit; the capped one is reported beside it
+        capped, logits = logits, glob["unembed_out"] * a.logit_scale
     if tgt.kind == "direction":
         model_vals = (glob["final_out"].float() @ tgt.direction.to(x.device))[..., None]
+        capped = None
     elif tgt.kind == "vocab":
         model_vals = logits
     else:
-        model_vals = logits.gather(-1, ids.to(logits.device))
-        if con is not None:
-            model_vals = model_vals - logits.gather(-1, con.to(logits.device))
+        model_vals = _pick(logits, ids, con)
+        capped = None if capped is None else _pick(capped, ids, con)
     part = BatchDecomposition([c for c, _ in writers] + [BIAS], [w for _, w in writers], vals, abl,
-                              model_vals.cpu(), ids, con, final_in=x)
+                              model_vals.cpu(), ids, con, final_in=x,
+                              capped_values=None if capped is None else capped.float().cpu())
     for l in neuron_layers:  # neuron n's write is act_n W[n]; its value act_n / s · (g ⊙ C W[n]) · u
         part.readout = u_last
         part.neuron_acts[l] = acts[l]
@@ -408,10 +427,21 @@ def decompose(
             "ablated_logit_renormed recomputes the norm without the component (not additive)")
     if unit == "source":
         note += "; each head split by the source its values were read at (" + NOTE_QK + ")"
+    a = model.arch
+    capped = None
+    if a.logit_softcap is not None and parts[0].capped_values is not None:
+        capped = torch.cat([p.capped_values for p in parts])
+        gap = float((capped - torch.cat([p.model_values for p in parts])).abs().max())
+        note += (f"; the model soft-caps its logits ({a.readout}): the contributions add up to the logit before the cap, "
+                 f"the capped logit is model_value_capped (the cap changes these values by up to {gap:.3g})")
+    elif a.logit_softcap is not None:
+        note += f"; the model soft-caps its logits ({a.readout}): the values are before the cap"
+    if a.logit_scale != 1.0:
+        note += f"; the logit scale {a.logit_scale:g} is folded into the unembedding"
     return LogitDecomposition(
         model_name=model.name, unit=unit, target_kind=tgt.kind, components=tuple(parts[0].components),
         values=torch.cat([p.values for p in parts], dim=1), ablated_renormed=torch.cat([p.ablated for p in parts], dim=1),
         model_values=torch.cat([p.model_values for p in parts]), positions=torch.cat(pos_all),
-        target_ids=ids, contrast_ids=con, target_names=names, note=note,
+        target_ids=ids, contrast_ids=con, target_names=names, note=note, capped_values=capped,
         str_tokens=tuple(str_tokens) if unit == "source" else (), causal=model.arch.causal,
     )
