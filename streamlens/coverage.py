@@ -255,6 +255,10 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
     row.reason = "decompose: "
     dec = sl.decompose(model, prompts, "top:3", progress=False)
     row.numbers["decompose"] = dec.check()
+    if any(k == "head_out" for k, _ in tr.acts) or _has_heads(model):
+        row.reason = "decompose heads: "
+        row.numbers["decompose"] = max(row.numbers["decompose"],
+                                       sl.decompose(model, prompts, "top:3", unit="head", progress=False).check())
 
     row.reason = "skip: "
     ids = torch.randint(1, model.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -284,6 +288,11 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
         bad.append("block-skip top-1 differs from hand-built hooks")
     row.result, row.reason = ("mismatch", "; ".join(bad)) if bad else ("pass", "")
     row.readout = str(getattr(model.arch, "readout", row.readout))
+
+
+def _has_heads(model) -> bool:
+    bridge = model.bridge
+    return any(getattr(getattr(b, "attn", None), "o", None) is not None for b in bridge.blocks)
 
 
 class _Timeout(Exception):

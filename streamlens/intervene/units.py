@@ -109,12 +109,24 @@ def combine(units: Sequence[Unit]) -> Unit:
 def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
     """Every single unit of a kind, in layer (then head) order; spans of ``width`` at every start."""
     a = model.arch
-    if kind == "head":
-        return [unit_of(model, "head", l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
     if kind == "span":
         unit_of(model, "span", 0, width=width)  # checks the width
         return [unit_of(model, "span", s, width=width) for s in range(a.n_layers - width + 1)]
-    return [unit_of(model, kind, l) for l in range(a.n_layers)]
+    if kind == "block":
+        return [unit_of(model, kind, l) for l in range(a.n_layers)]
+    # Hybrid models: heads only in attention blocks, a sub-layer only where its slot is filled.
+    from streamlens.model import hooks
+
+    if kind == "head":
+        layers = [l for l in range(a.n_layers) if hooks.block_point(model.bridge, l, "o", "in") is not None]
+        units = [unit_of(model, "head", l, h) for l in layers for h in range(a.n_heads)]
+    else:
+        units = [unit_of(model, kind, l) for l in range(a.n_layers)
+                 if kind in a.rule.slots and hooks.writer_name(model.bridge, l, kind) is not None]
+    if not units:
+        raise StreamlensError(f"{model.name} has no {kind} units: its blocks' writers are "
+                              f"{sorted({w for ws in a.writers for w in ws if w != '-'})}")
+    return units
 
 
 def check_mode(mode: str, unit: Unit) -> None:

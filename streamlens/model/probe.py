@@ -167,6 +167,7 @@ def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[La
     for base in layouts.LAYOUTS:
         for lay in dict.fromkeys(base.adjusted(tw, sc) for tw in ({}, true) for sc in scales):
             need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
+            need |= {lay.raw_write_point(sub) for sub in lay.slots}  # a true write replaces a point the rule has
             if any(p not in raw for p in need) or any(p in raw for p in lay.absent):
                 continue
             norms = {comp: model.block_norms.get((layer, comp)) for comp in ("ln1", "ln2")}
