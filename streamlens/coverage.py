@@ -74,7 +74,7 @@ _SIZES: dict[str, Any] = dict(
 # numbers, so a check that ignores them fails instead of passing by accident.
 _NONTRIVIAL: dict[str, Any] = dict(
     residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0, lm_head_multiplier=0.5,
-    final_logit_softcapping=1.0, logit_scale=0.5,
+    final_logit_softcapping=1.0, logit_scale=0.5, initializer_range=0.1,
 )
 # Token ids that must lie inside the tiny vocabulary.
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
@@ -174,6 +174,10 @@ def build(architecture: str, folder: str | Path, *, seed: int = 0) -> tuple[Path
     config, cls = tiny_config(architecture)
     torch.manual_seed(seed)
     model = cls(config).eval()
+    with torch.no_grad():  # zero-initialised projections (nanochat's) would make every removal a no-op
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.abs().max() > 0):
+                p.normal_(0.0, 0.02)
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
         raise AssertionError(f"tiny {architecture} has {n:,} parameters, more than {MAX_PARAMS:,}: a size was not set")
@@ -349,6 +353,7 @@ def check_architecture(architecture: str, root: str | Path, *, time_limit: float
             row.result, row.reason = "crash", row.reason + _one_line(e) + (f" (at {where})" if where else "")
         finally:
             row.seconds = round(time.perf_counter() - t0, 2)
+            row.reason = row.reason.replace(str(folder), architecture)  # no temporary paths in the table
     return row
 
 
