@@ -110,6 +110,7 @@ class ResidualTrace(Result):
         name = ALIASES.get(name, name)
         if name in GLOBAL_NAMES:
             return name, None
+        name = self._writer_alias(name, layer)
         if name not in TRACE_NAMES:
             raise StreamlensError(f"unknown name {name!r}; layer names: {TRACE_NAMES}; globals: {GLOBAL_NAMES}")
         if layer is None:
@@ -118,6 +119,22 @@ class ResidualTrace(Result):
         if not -n <= layer < n:
             raise StreamlensError(f"layer {layer} is out of range for a {n}-layer model")
         return name, layer % n
+
+    def _writer_alias(self, name: str, layer: int | None) -> str:
+        """``mixer_out`` / ``linear_attn_read_normed`` / ``conv_out``: the token-mixer slot (``attn_*``) of a
+        block whose token mixer the bridge calls that (SSM, linear-attention and convolution blocks)."""
+        kind = next((k for k in ("linear_attn", "mixer", "conv") if name.startswith(k + "_")), None)
+        if kind is None or f"attn_{name[len(kind) + 1:]}" not in LAYER_NAMES or layer is None:
+            return name
+        n = self.arch.n_layers
+        slot = f"attn_{name[len(kind) + 1:]}"
+        if not -n <= layer < n or not self.arch.writers:
+            return slot
+        actual = self.arch.writers[layer % n][0]
+        if actual != kind:
+            raise StreamlensError(f"layer {layer % n}'s token mixer is {actual!r}, not {kind!r}: read it as "
+                                  f"trace[{slot!r}, {layer % n}]")
+        return slot
 
     def __getitem__(self, key) -> Tensor:
         name, layer = (key, None) if isinstance(key, str) else key
