@@ -11,7 +11,11 @@ tokenizer and checks, using only streamlens' public verbs:
 * the traced logits against a fresh HuggingFace copy of the model loaded from the same folder;
 * ``sl.decompose(...).check()``: the logit decomposition adds up to the model's own logits;
 * block skip in the layer-skip evaluator against plain PyTorch forward hooks on the HuggingFace
-  model's decoder layers (``out = in``), compared through the KL divergence and top-1 agreement.
+  model's decoder layers (``out = in``), compared through the KL divergence and top-1 agreement;
+* mixture-of-experts models: the per-expert decomposition, and one expert removed against a plain
+  pre-hook that zeroes its routing weights in the HuggingFace model.
+
+The tiny models come from :func:`streamlens.testing.build_bridged`.
 
 Each architecture ends as a :class:`CoverageRow`: ``pass``, ``refused`` (a streamlens error with its
 reason), ``crash`` (any other exception: a bug), ``mismatch`` (it ran but a number is off) or
@@ -37,71 +41,15 @@ from typing import Any
 
 import torch
 
+from streamlens.testing import BRIDGED_MAX_PARAMS as MAX_PARAMS
+from streamlens.testing import bridged_architectures as architectures
+from streamlens.testing import build_bridged as build
+
 # Tolerances of each check (float32, tiny random models). Measured values are far below them.
 CLOSURE_TOL = 1e-5  # relative, per position
 LOGITS_TOL = 1e-4  # relative, per position: traced logits vs a fresh HF copy
 DECOMPOSE_TOL = 1e-5  # dec.check()
 SKIP_KL_TOL = 1e-5  # |KL_streamlens - KL_hooks| <= tol * (1 + KL)
-MAX_PARAMS = 400_000
-
-# Encoder-only and other non-causal-LM classes share the "ForCausalLM" suffix rarely; these are excluded by name.
-_NOT_TEXT_DECODERS: set[str] = set()
-_EXTRA_DECODERS = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel")
-
-# Sizes applied to every config that has the attribute (read on a default instance, attribute_map included).
-_SIZES: dict[str, Any] = dict(
-    vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=8, intermediate_size=64, max_position_embeddings=128,
-    # mixture of experts
-    moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4, num_local_experts=4,
-    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
-    expert_intermediate_size=16, moe_num_experts=4, num_shared_experts=1, global_moe_intermediate_size=16,
-    # multi-head latent attention (DeepSeek)
-    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-    # state-space / convolution / linear-attention mixers
-    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1, mamba_d_conv=4,
-    state_size=8, ssm_state_size=8, n_groups=1, conv_kernel=4, time_step_rank=4, expand=2, mamba_chunk_size=16,
-    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-    linear_conv_kernel_dim=4, conv_L_cache=3,
-    # misc widths that default to full size
-    hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, lru_width=32, attention_window_size=16,
-    sliding_window=16, block_size=128, n_positions=128, n_ctx=128, ffn_hidden_size=64, n_inner=64, ffn_dim=64,
-    word_embed_proj_dim=32, rotary_dim=4, mamba_d_ssm=64, mamba_num_heads=4, mamba_head_dim=16, n_mamba_heads=4,
-    moe_shared_expert_intermediate_size=16, shared_intermediate_size=16, o_lora_rank=16, o_groups=2,
-    index_n_heads=2, index_head_dim=8, index_topk=4, adapter_rank=4,
-)
-# Scalars that default to 1 (or to a cap far above a tiny model's logits) are set to values that change the
-# numbers, so a check that ignores them fails instead of passing by accident.
-_NONTRIVIAL: dict[str, Any] = dict(
-    residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0, lm_head_multiplier=0.5,
-    final_logit_softcapping=1.0, logit_scale=0.5, initializer_range=0.1,
-)
-# Token ids that must lie inside the tiny vocabulary.
-_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
-
-# Per-architecture settings on top of _SIZES: mostly layer patterns, so that a tiny hybrid model has
-# one block of each kind.
-_EXTRA: dict[str, dict[str, Any]] = {
-    "GPTNeoForCausalLM": dict(attention_types=[[["global", "local"], 1]]),
-    "Mamba2ForCausalLM": dict(num_heads=4, head_dim=16),
-    "Zamba2ForCausalLM": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"]),
-    "NemotronHForCausalLM": dict(layers_block_type=["mamba", "attention", "mlp", "moe"]),
-    "OlmoHybridForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
-    "DeepseekV4ForCausalLM": dict(head_dim=16, qk_rope_head_dim=8, num_key_value_heads=1),
-    "JambaForCausalLM": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                             expert_layer_offset=1, use_mamba_kernels=False),
-    "BambaForCausalLM": dict(num_hidden_layers=2, attn_layer_indices=[1]),
-    "GraniteMoeHybridForCausalLM": dict(num_hidden_layers=2, layer_types=["mamba", "attention"]),
-    "Lfm2ForCausalLM": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
-    "Lfm2MoeForCausalLM": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
-                               num_dense_layers=1),
-    "Qwen3NextForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
-    "Qwen3_5ForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
-    "Qwen3_5MoeForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
-    "RecurrentGemmaForCausalLM": dict(num_hidden_layers=2, block_types=["recurrent", "attention"]),
-    "DeepseekV2ForCausalLM": dict(first_k_dense_replace=1),
-    "DeepseekV3ForCausalLM": dict(first_k_dense_replace=1),
-}
 
 
 @dataclass
@@ -124,66 +72,6 @@ class CoverageRow:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------- which architectures
-def architectures() -> list[str]:
-    """Decoder-only text architectures the installed TransformerLens bridges and transformers can build.
-
-    Read from TransformerLens' ``SUPPORTED_ARCHITECTURES`` (class names of HuggingFace models); kept: the
-    causal LM classes (``*ForCausalLM``, GPT-2's and GPT-1's ``*LMHeadModel``) that the installed
-    transformers defines. Multimodal, encoder, encoder-decoder, audio and vision classes are left out.
-    """
-    import transformers
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-
-    out = [name for name in SUPPORTED_ARCHITECTURES
-           if (name.endswith("ForCausalLM") or name in _EXTRA_DECODERS) and name not in _NOT_TEXT_DECODERS
-           and hasattr(transformers, name)]
-    return sorted(set(out), key=str.lower)
-
-
-def tiny_config(architecture: str):
-    """``(config, model_class)`` of a tiny ``architecture`` (a transformers class name), through its config constructor."""
-    import transformers
-
-    cls = getattr(transformers, architecture)
-    config_cls = cls.config_class
-    default = config_cls()
-
-    def known(k: str) -> bool:  # a settable attribute of the config (attribute_map included)
-        if isinstance(getattr(config_cls, k, None), property):
-            return False
-        try:
-            return hasattr(default, k)
-        except Exception:  # Gemma 4: a per-layer attribute read globally; it is a constructor argument
-            return True
-
-    kwargs = {k: v for k, v in {**_SIZES, **_NONTRIVIAL}.items() if known(k)}
-    kwargs.update({k: 0 for k in _TOKEN_IDS if known(k) and getattr(default, k, None) is not None})
-    if known("kv_lora_rank"):  # multi-head latent attention: one key/value head per query head
-        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-    kwargs.update(_EXTRA.get(architecture, {}))
-    if known("tie_word_embeddings"):
-        kwargs.setdefault("tie_word_embeddings", False)
-    return config_cls(**kwargs), cls
-
-
-def build(architecture: str, folder: str | Path, *, seed: int = 0) -> tuple[Path, int]:
-    """Build, size-check and save a tiny ``architecture`` model with the tiny tokenizer; ``(folder, n_params)``."""
-    from streamlens.testing import save_model
-
-    config, cls = tiny_config(architecture)
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # zero-initialised projections (nanochat's) would make every removal a no-op
-        for p in model.parameters():
-            if p.dim() >= 2 and not bool(p.abs().max() > 0):
-                p.normal_(0.0, 0.02)
-    n = sum(p.numel() for p in model.parameters())
-    if n > MAX_PARAMS:
-        raise AssertionError(f"tiny {architecture} has {n:,} parameters, more than {MAX_PARAMS:,}: a size was not set")
-    return save_model(model, folder), n
-
-
 # ---------------------------------------------------------------------------- the checks
 def _decoder_layers(hf) -> torch.nn.ModuleList:
     """The HF model's list of decoder layers: the longest ModuleList whose length is the number of layers."""
@@ -194,25 +82,44 @@ def _decoder_layers(hf) -> torch.nn.ModuleList:
     return min(lists, key=lambda nm: nm[0].count("."))[1]
 
 
-def _hand_skip(folder: Path, architecture: str, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and block-skipped logits of a fresh HF model, block ``layer`` replaced by its input with a forward hook."""
+def _hand_removal(folder: Path, architecture: str, ids: torch.Tensor, attach) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and ablated logits of a fresh HF model; ``attach(hf)`` registers the plain PyTorch hook and returns its handle."""
     import transformers
 
     hf = getattr(transformers, architecture).from_pretrained(folder).eval()
-    block = _decoder_layers(hf)[layer]
-
-    def hook(module, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
-        return (x, *out[1:]) if isinstance(out, tuple) else x
-
     with torch.no_grad():
         clean = hf(ids, use_cache=False).logits
-        h = block.register_forward_hook(hook, with_kwargs=True)
+        h = attach(hf)
         try:
             ablated = hf(ids, use_cache=False).logits
         finally:
             h.remove()
     return clean.float(), ablated.float()
+
+
+def _hand_skip(folder: Path, architecture: str, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``layer`` replaced by its input with a forward hook on the HF decoder layer."""
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+
+    return _hand_removal(folder, architecture, ids,
+                         lambda hf: _decoder_layers(hf)[layer].register_forward_hook(hook, with_kwargs=True))
+
+
+def _hand_drop_expert(folder: Path, architecture: str, ids: torch.Tensor, layer: int, expert: int, cls: type):
+    """Expert ``expert`` of block ``layer`` removed by zeroing its routing weights in a pre-hook on the HF experts module."""
+
+    def pre(module, args, kwargs):
+        hidden, idx, w = args[:3]
+        return (hidden, idx, w * (idx != expert), *args[3:]), kwargs
+
+    def attach(hf):
+        ex = next(m for m in _decoder_layers(hf)[layer].modules() if type(m) is cls)
+        return ex.register_forward_pre_hook(pre, with_kwargs=True)
+
+    return _hand_removal(folder, architecture, ids, attach)
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -278,6 +185,7 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
         row.numbers[f"skip_top1_gap.{layer}"] = abs(r["top1"] - top1)
         row.numbers[f"skip_kl.{layer}"] = kl
     row.numbers["skip"] = worst
+    _check_experts(architecture, folder, model, prompts, ids, ev, row)
 
     bad = []
     if not row.numbers["closure"] <= CLOSURE_TOL:
@@ -288,10 +196,36 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
         bad.append(f"decomposition {row.numbers['decompose']:.1e}")
     if not worst <= SKIP_KL_TOL:
         bad.append(f"block-skip KL {worst:.1e} from hand-built hooks")
+    if not row.numbers.get("expert_skip", 0.0) <= SKIP_KL_TOL:
+        bad.append(f"expert removal KL {row.numbers['expert_skip']:.1e} from hand-built hooks")
     if any(v > 1e-6 for k, v in row.numbers.items() if k.startswith("skip_top1_gap")):
         bad.append("block-skip top-1 differs from hand-built hooks")
     row.result, row.reason = ("mismatch", "; ".join(bad)) if bad else ("pass", "")
     row.readout = str(getattr(model.arch, "readout", row.readout))
+
+
+def _check_experts(architecture: str, folder: Path, model, prompts, ids, ev, row: CoverageRow) -> None:
+    """MoE models: the per-expert decomposition adds up, and removing an expert equals zeroing it by hand."""
+    from streamlens.errors import UnsupportedModelError
+    from streamlens.model.experts import experts_module, moe_layers, n_experts
+
+    import streamlens as sl
+
+    layers = moe_layers(model)
+    if not layers:
+        return
+    row.writers += f" (MoE: {n_experts(model, layers[-1])} experts)"
+    row.reason = "experts: "
+    layer, expert = layers[-1], 1
+    clean, abl = _hand_drop_expert(folder, architecture, ids, layer, expert, type(experts_module(model, layer)))
+    kl = _kl(clean, abl)
+    r = ev.evaluate(f"expert.{layer}.{expert}", "skip", metrics=("kl",))
+    row.numbers["expert_skip"] = abs(r["kl"] - kl) / (1 + kl)
+    try:
+        dec = sl.decompose(model, prompts, "top:3", unit="expert", progress=False)
+        row.numbers["decompose"] = max(row.numbers["decompose"], dec.check())
+    except UnsupportedModelError:  # a normalised MoE write (sandwich): no exact per-expert split
+        row.writers += " (no per-expert split: the MoE write is normalised)"
 
 
 def _has_heads(model) -> bool:

@@ -38,6 +38,7 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Atom, Unit
 from streamlens.model import hooks
+from streamlens.model.experts import drop_experts, experts_module
 
 # ------------------------------------------------------------------------------- where a removal acts
 def write_point(arch, atom: Atom) -> tuple[str, str]:
@@ -95,9 +96,13 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
             atoms += [Atom("attn", atom.layer), Atom("mlp", atom.layer)]
         else:
             atoms.append(atom)
+    experts: dict[int, list[int]] = {}
     for atom in atoms:
         if atom.kind == "head":
             heads.setdefault(atom.layer, []).append(atom.head)
+            continue
+        if atom.kind == "expert":
+            experts.setdefault(atom.layer, []).append(atom.head)
             continue
         if atom.kind == "block" and mode == "skip" and not skip_blocks:
             continue
@@ -137,6 +142,8 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
             return z.reshape(t.shape)
 
         out.append((hp, zfn))
+    for layer, es in experts.items():  # zero the routing weights of the removed experts: exactly their share
+        out.append((experts_module(model, layer), hooks.PreHook(drop_experts(es))))
     return out
 
 

@@ -128,6 +128,13 @@ def model_lock(module: nn.Module):
     return _LOCKS.get(module) or nullcontext()
 
 
+class PreHook:
+    """A forward pre-hook ``fn(module, args, kwargs) -> (args, kwargs)`` for :func:`attached`."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+
 @contextmanager
 def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
     """Attach ``fn`` as a forward hook on each module for the duration of the block.
@@ -140,7 +147,10 @@ def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
     with model_lock(hooks[0][0]) if hooks else nullcontext():
         try:
             for module, fn in hooks:
-                handles.append(module.register_forward_hook(_wrap(fn)))
+                if isinstance(fn, PreHook):  # changes a module's inputs (an expert's routing weight)
+                    handles.append(module.register_forward_pre_hook(fn.fn, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(_wrap(fn)))
             yield
         finally:
             for h in handles:

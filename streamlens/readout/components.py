@@ -13,9 +13,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 #: What a component is: ``embed`` (token/positional embedding), ``attn``, ``head``, ``mlp``,
-#: ``neuron``, ``source`` (a head's share read at one source position), or ``bias`` (the output bias of a layer's attention, and the last component: the final
+#: ``neuron``, ``source`` (a head's share read at one source position), ``expert`` (one routed expert of a
+#: mixture of experts), or ``bias`` (the output bias of a layer's attention, and the last component: the final
 #: norm's bias plus the unembedding's bias).
-KINDS = ("embed", "attn", "head", "mlp", "neuron", "source", "bias")
+KINDS = ("embed", "attn", "head", "mlp", "neuron", "source", "expert", "bias")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Component:
     head: int | None = None
     neuron: int | None = None
     source: int | None = None
+    expert: int | None = None
 
 
 BIAS = Component("bias", "bias")

@@ -41,11 +41,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens.errors import StreamlensError, UnsupportedModelError
-from streamlens.model import hooks
+from streamlens.model import experts, hooks
 from streamlens.model.affine import down_projection
+from streamlens.model.experts import moe_layers
 from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result, fmt
 from streamlens.readout.components import BIAS, BatchDecomposition, Component
+from streamlens.readout.experts import expert_components
 from streamlens.readout.neurons import neuron_values, split_neurons
 from streamlens.readout.sources import NOTE_QK, check_source_target, pad_sources, source_valid, split_by_source
 from streamlens.readout.targets import Target, readout, readouts, resolve
@@ -54,7 +56,7 @@ from streamlens.stream.attention import AttentionReader
 from streamlens.stream.engine import capture
 from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
-UNITS = ("layer", "head", "neuron", "source")
+UNITS = ("layer", "head", "neuron", "source", "expert")
 
 
 # ---------------------------------------------------------------------------- the result
@@ -179,6 +181,8 @@ class LogitDecomposition(Result):
             "direct_effect_renormed": (model - abl).numpy(),
             "model_value": model.numpy(),
         })
+        if any(comp.expert is not None for comp in self.components):
+            df.insert(5, "expert", pd.array([self.components[q].expert for q in c.tolist()], dtype="Int64"))
         if self.unit == "source":
             src = torch.tensor([-1 if q.source is None else q.source for q in self.components])[c]
             valid = source_valid(self.positions, [len(t) for t in self.str_tokens], int(src.max()) + 1, self.causal)
@@ -238,7 +242,9 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
             writers.append((Component(f"attn_bias.{layer}", "bias", layer), named["attn_bias_out"]))
         else:
             writers.append((Component(f"attn.{layer}", "attn", layer), named["attn_out"]))
-        if "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
+        if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
+            writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
+        elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
             writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
 
     def on_global(name, t):
@@ -253,7 +259,10 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
     if a.logit_softcap is not None:  # the pre-cap logits z (scaled below): what the contributions add up to
         extra.append((hooks.global_point(model.bridge, "unembed", "out"),
                       lambda t: glob.__setitem__("unembed_out", hooks.select_positions_of(t, (b, p), bidx, pidx).float())))
-    with hooks.attached(extra):
+    moe = moe_layers(model) if unit == "expert" else ()
+    if unit == "expert" and not moe:
+        raise StreamlensError(f"unit='expert': {model.name} has no mixture-of-experts blocks")
+    with hooks.attached(extra), experts.recording(model, moe) as calls:
         logits = capture(model, batch, pos_idx, layers=range(a.n_layers), heads=unit == "head",
                          store=lambda t: t.float(), on_layer=on_layer, on_global=on_global)
     if a.embed_is_sum and "embed" in glob:
@@ -345,8 +354,9 @@ def decompose(
             ``chunk_size`` tokens at a time); or a float tensor ``u`` of shape ``(d_model,)``, whose
             value is ``u · ln_final(x)`` (the final norm's output, the vector the unembedding reads).
         contrast: a token (or one per prompt): decompose the logit difference ``target − contrast``.
-        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias), ``"neuron"`` or
-            ``"source"`` (per attention head and source position it read, ``head.l.h@k``).
+        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias), ``"neuron"``,
+            ``"source"`` (per attention head and source position it read, ``head.l.h@k``) or ``"expert"``
+            (per routed expert of each mixture-of-experts block, plus ``mlp_rest``: shared experts).
         positions: which token(s) to read out at (the vocabulary of
             :func:`streamlens.stream.inputs.select_positions`; default ``-1``, the last real token
             of every prompt). Every prompt needs the same number of positions: ints, ``"last"`` or
