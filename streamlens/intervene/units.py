@@ -1,8 +1,8 @@
 """Units that can be removed from the residual stream: the unit grammar.
 
-A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, or a span of consecutive
-blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``, ``"head.3.1"`` (layer 3, head 1),
-``"span.3:5"`` (blocks 3 and 4). Several units removed together form a *set* (:func:`combine`).
+A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, one routed expert of a
+mixture of experts, or a span of consecutive blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``,
+``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4). Several units removed together form a *set* (:func:`combine`).
 What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
 
     >>> parse_unit(model, "head.1.0").atoms
