@@ -27,7 +27,6 @@ REFUSED = {
     # update rules streamlens does not know yet
     "FalconH1ForCausalLM": r"block 0 follows none of the update rules",
     "Gemma4ForCausalLM": r"block 0 follows none of the update rules",
-    "OlmoHybridForCausalLM": r"blocks follow different update rules",
     "OpenAIGPTLMHeadModel": r"block 0 follows none of the update rules",
     "RwkvForCausalLM": r"block 0 follows none of the update rules",
 }
@@ -81,3 +80,18 @@ def test_hybrid_blocks_are_named_in_the_bridges_vocabulary(tmp_path):
     assert tr.closure_error() <= coverage.CLOSURE_TOL
     units = list(sl.LayerSkipEvaluator(m, ["a b c d e f"], progress=False, n_boot=10).sweep("head").table["unit"])
     assert units and all(u.startswith(("head.1.", "head.3.")) for u in units)
+
+
+def test_blocks_may_follow_different_additive_rules(tmp_path):
+    """OLMo-Hybrid: pre-norm linear-attention blocks and post-sub-layer-norm attention blocks, each with its own rule."""
+    import streamlens as sl
+
+    folder, _ = coverage.build("OlmoHybridForCausalLM", tmp_path / "olmo_hybrid")
+    m = sl.load(str(folder))
+    assert m.arch.layout == "pre+post_sub" and m.arch.block_layouts == ("pre", "post_sub")
+    assert m.arch.rule_of(0).name == "pre" and m.arch.rule_of(1).name == "post_sub"
+    tr = sl.trace(m, ["The cat sat on the mat"])
+    # block 1 reads the stream without a norm: what its attention computes on is resid_pre itself
+    assert tr["attn_read_normed", 1] is tr["resid_pre", 1]
+    assert tr["attn_read_normed", 0] is not tr["resid_pre", 0]
+    assert tr.closure_error() <= coverage.CLOSURE_TOL

@@ -47,7 +47,7 @@ def write_point(arch, atom: Atom) -> tuple[str, str]:
         return "block", "out"
     if atom.kind == "head":
         return "o", "in"
-    return arch.rule.write_point(atom.kind)
+    return arch.rule_of(atom.layer).write_point(atom.kind)
 
 
 def base_point(arch, atom: Atom) -> tuple[str, str] | None:
@@ -55,7 +55,7 @@ def base_point(arch, atom: Atom) -> tuple[str, str] | None:
     if atom.kind == "block":
         return "block", "in"
     if atom.kind in ("attn", "mlp"):
-        return arch.rule.base_point(atom.kind)
+        return arch.rule_of(atom.layer).base_point(atom.kind)
     return None
 
 

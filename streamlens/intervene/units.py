@@ -130,7 +130,7 @@ def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
         units = [unit_of(model, "expert", l, e) for l in moe_layers(model) for e in range(n_experts(model, l))]
     else:
         units = [unit_of(model, kind, l) for l in range(a.n_layers)
-                 if kind in a.rule.slots and hooks.writer_name(model.bridge, l, kind) is not None]
+                 if kind in a.rule_of(l).slots and hooks.writer_name(model.bridge, l, kind) is not None]
     if not units:
         raise StreamlensError(f"{model.name} has no {kind} units: its blocks' writers are "
                               f"{sorted({w for ws in a.writers for w in ws if w != '-'})}")

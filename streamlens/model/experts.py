@@ -66,7 +66,7 @@ def moe_layers(model: Model) -> tuple[int, ...]:
 
 def check_splittable(model: Model, layer: int) -> None:
     """Refuse a per-expert split where the MoE output is not added to the stream as it is."""
-    rule = model.arch.rule
+    rule = model.arch.rule_of(layer)
     if rule.write_point("mlp") != ("mlp", "out") or rule.base_point("mlp") is not None:
         raise UnsupportedModelError(
             f"experts of layer {layer}: {model.name}'s MLP write is not the MoE block's output as it is "

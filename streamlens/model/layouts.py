@@ -275,6 +275,31 @@ class SingleWriter(Layout):
         return [("resid_post = resid_pre + attn_out", post, pre + named["attn_out"])]
 
 
+class Mixed:
+    """Blocks that follow different additive rules (OLMo-Hybrid: pre-norm linear-attention blocks between
+    post-sub-layer-norm attention blocks). Model-wide questions are answered for all blocks; per-block ones
+    go to ``Architecture.rule_of(layer)``."""
+
+    additive = True
+
+    def __init__(self, rules: Sequence[Layout]):
+        self.rules = tuple(rules)
+        self.name = "+".join(dict.fromkeys(r.name for r in self.rules))
+        self.rule = "; ".join(dict.fromkeys(f"{r.name}: {r.rule}" for r in self.rules))
+        self.slots = tuple(dict.fromkeys(s for r in self.rules for s in r.slots))
+        self.adjustments = self.rules[0].adjustments
+        self.has_resid_mid = all(r.has_resid_mid for r in self.rules)
+
+    def write_norm(self, sub: str) -> str | None:
+        return next((r.write_norm(sub) for r in self.rules if r.write_norm(sub)), None)
+
+    def mlp_reads(self) -> str:
+        return "resid_pre" if any(r.mlp_reads() == "resid_pre" for r in self.rules) else "resid_mid"
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}: per block>"
+
+
 #: Every layout streamlens knows, in the order the probe tries them.
 LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm(), PostSubLayerNorm(), SingleWriter())
 _BY_NAME = {lay.name: lay for lay in LAYOUTS}

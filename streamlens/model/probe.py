@@ -82,10 +82,21 @@ class Architecture:
             z = torch.tanh(z / self.logit_softcap) * self.logit_softcap
         return z
 
+    #: Per-block layout names where blocks follow different additive rules (``layout`` is then ``"a+b"``).
+    block_layouts: tuple[str, ...] = ()
+
+    def rule_of(self, layer: int) -> Layout:
+        """Block ``layer``'s :class:`~streamlens.model.layouts.Layout` (with the measured adjustments)."""
+        name = self.block_layouts[layer] if self.block_layouts else self.layout
+        return layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale)
+
     @property
     def rule(self) -> Layout:
-        """The :class:`~streamlens.model.layouts.Layout` object behind ``layout`` (with its measured adjustments)."""
-        return layouts.get(self.layout).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale)
+        """The model's :class:`~streamlens.model.layouts.Layout` (a :class:`~streamlens.model.layouts.Mixed`
+        one where blocks differ: ask :meth:`rule_of` per block)."""
+        if self.block_layouts:
+            return layouts.Mixed([self.rule_of(l) for l in range(self.n_layers)])
+        return self.rule_of(0)
 
     @property
     def parallel(self) -> bool:
@@ -302,7 +313,9 @@ def probe(model: Model) -> Architecture:
                 f"({', '.join(lay.name for lay in layouts.LAYOUTS)}); relative error of each: {detail}"
             )
         found.append(ok[0])
-    if len(set(found)) > 1:
+    mixed = len(set(found)) > 1
+    if mixed and (not all(lay.additive for lay in found)
+                  or len({(tuple(sorted(lay.true_writes.items())), lay.scale) for lay in found}) > 1):
         names = [f"{lay.name}" + (f" ({lay.adjustments})" if lay.adjustments else "") for lay in found]
         raise UnsupportedModelError(f"{model.name}: blocks follow different update rules: {names}")
     rule = found[0]
@@ -329,10 +342,11 @@ def probe(model: Model) -> Architecture:
         d_vocab=d_vocab,
         n_ctx=n_ctx,
         norm=min(kinds - {"identity"} or kinds),
-        layout=rule.name,
+        layout="+".join(dict.fromkeys(lay.name for lay in found)),
+        block_layouts=tuple(lay.name for lay in found) if mixed else (),
         true_writes=tuple((sub, *p) for sub, p in sorted(rule.true_writes.items())),
         write_scale=rule.scale,
-        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in rule.slots) for l in range(n_layers)),
+        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in found[l].slots) for l in range(n_layers)),
         positional=str(getattr(cfg, "positional_embedding_type", "unknown")),
         has_pos_embed=pos is not None,
         embed_is_sum=embed_is_sum,

@@ -178,8 +178,8 @@ class ResidualTrace(Result):
             r = (predicted - recorded).norm(dim=-1) / recorded.norm(dim=-1).clamp_min(1e-12)
             return r[m].max() if m.any() else torch.zeros(())
 
-        rule = self.arch.rule
         for l in self.layers:
+            rule = self.arch.rule_of(l)
             named = {k: v for (k, layer), v in self.acts.items() if layer == l}
             errs = [dev(predicted, recorded) for _, recorded, predicted in
                     rule.equations(named, lambda comp, l=l: self.norms[(l, comp)])]
