@@ -199,6 +199,22 @@ def _no_points(model: Model, layer: int) -> str:
     return f"block {layer} exposes {', '.join(parts)}, which fit no known rule"
 
 
+#: Block parts the layouts place: norms and the components that fill the two writer slots.
+_PLACED = {"ln1", "ln2", "ln1_post", "ln2_post", "norm", *(n for names in hooks.SLOTS.values() for n in names)}
+
+
+def _unplaced(model: Model, layer: int, raw: dict) -> str:
+    """The part of a block that keeps it from fitting a rule, in words (or '')."""
+    if ("block", "out") not in raw:
+        return f": the bridge never calls block {layer}'s output hook, so its output cannot be read"
+    parts = [n for n, m in model.bridge.blocks[layer].named_children()
+             if hasattr(m, "hook_out") and not n.startswith("_") and n not in _PLACED]
+    if parts:
+        return (f": block {layer} also has {', '.join(parts)}, which no rule places (a third writer, an input "
+                "transform or a scale of the stream)")
+    return ""
+
+
 def _check_stack(model: Model) -> None:
     """Refuse, by name, models without one stack of blocks or with a residual that is not one vector per position."""
     bridge = model.bridge
@@ -310,7 +326,8 @@ def probe(model: Model) -> Architecture:
             detail = "; ".join(f"{k}: {v:.1e}" for k, v in plain.items()) or _no_points(model, layer)
             raise UnsupportedModelError(
                 f"{model.name}: block {layer} follows none of the update rules streamlens knows "
-                f"({', '.join(lay.name for lay in layouts.LAYOUTS)}); relative error of each: {detail}"
+                f"({', '.join(lay.name for lay in layouts.LAYOUTS)}){_unplaced(model, layer, raw)}; "
+                f"relative error of each: {detail}"
             )
         found.append(ok[0])
     mixed = len(set(found)) > 1
