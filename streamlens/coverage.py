@@ -23,7 +23,7 @@ reason), ``crash`` (any other exception: a bug), ``mismatch`` (it ran but a numb
 runs them all and writes ``docs/architectures.md``; ``tests/test_architectures.py`` runs them in the suite.
 
     >>> from streamlens.coverage import architectures, check_architecture
-    >>> row = check_architecture("LlamaForCausalLM", "/tmp/cov")
+    >>> row = check_architecture("LlamaForCausalLM", "coverage")
     >>> row.result, row.layout
     ('pass', 'pre')
 """

@@ -6,10 +6,13 @@ to. In the transformers versions streamlens supports, the routed part is one mod
 called as ``experts(hidden_states, top_k_index, top_k_weights)`` (Mixtral, OLMoE, Qwen-MoE,
 DeepSeek, GPT-OSS, ...). Since its output is linear in ``top_k_weights``, calling it again with
 every weight but expert ``e``'s set to zero gives expert ``e``'s exact share, and zeroing expert
-``e``'s weights removes exactly that share (no renormalisation of the others):
+``e``'s weights removes exactly that share (no renormalisation of the others)::
 
-    >>> writes = expert_writes(model, layer, inputs)       # (n_experts, tokens, d_model)
-    >>> hooks.attached([(experts_module(model, 3), PreHook(drop_experts([5])))])
+    with recording(model, moe_layers(model)) as calls:     # the experts' inputs, per MoE layer
+        model.run(ids, mask)
+    shares = expert_writes(model, 3, calls[3])             # (n_experts, tokens, d_model)
+    with hooks.attached([(experts_module(model, 3), hooks.PreHook(drop_experts([5])))]):
+        model.run(ids, mask)                               # layer 3 without expert 5
 
 What the MoE layer writes beyond the routed experts (shared experts, their gate) stays one
 remainder, so the parts always add up to the layer's write.
