@@ -95,3 +95,31 @@ def test_blocks_may_follow_different_additive_rules(tmp_path):
     assert tr["attn_read_normed", 1] is tr["resid_pre", 1]
     assert tr["attn_read_normed", 0] is not tr["resid_pre", 0]
     assert tr.closure_error() <= coverage.CLOSURE_TOL
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "CohereForCausalLM", "GraniteForCausalLM"])
+def test_readouts_with_a_soft_cap_or_a_scale(arch, tmp_path):
+    """Gemma 2 soft-caps its logits (cap 1 here), Cohere scales them by 0.5, Granite divides them by 2."""
+    import streamlens as sl
+
+    folder, _ = coverage.build(arch, tmp_path / arch)
+    m = sl.load(str(folder))
+    prompts = ["The cat sat on the mat because it was", "def f(x): return x"]
+    dec = sl.decompose(m, prompts, "top:3", progress=False)
+    assert dec.check() <= coverage.DECOMPOSE_TOL
+    tr = sl.trace(m, prompts, positions="last")
+    logits = tr["logits"].float()
+    if arch == "Gemma2ForCausalLM":
+        assert m.arch.logit_softcap == 1.0 and m.arch.readout == "softcap(1) of unembed"
+        df = dec.to_dataframe()
+        capped = torch.tensor(df[df.component == "bias"]["model_value_capped"].to_numpy())
+        want = logits.gather(-1, dec.target_ids).reshape(-1)  # the model's own (capped) logits
+        torch.testing.assert_close(capped.float(), want, rtol=1e-5, atol=1e-6)
+        pre = torch.tensor(df[df.component == "bias"]["model_value"].to_numpy())
+        assert float((pre - capped).abs().max()) > 1e-4  # the cap changes the values: the split is of the pre-cap logit
+        torch.testing.assert_close(torch.tanh(pre), capped, rtol=1e-5, atol=1e-6)
+    else:
+        assert m.arch.logit_softcap is None and abs(m.arch.logit_scale - 0.5) <= 1e-6
+    lens = sl.logit_lens(m, prompts, positions="last", progress=False).to_dataframe()
+    last = lens[lens.point == f"resid_post.{m.arch.n_layers - 1}"]
+    assert float(last["kl"].abs().max()) <= 1e-5  # the lens applies the model's own readout

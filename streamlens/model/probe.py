@@ -76,11 +76,11 @@ class Architecture:
 
     def final_transform(self, z: Tensor) -> Tensor:
         """The model's own map from ``unembed(ln_final(x))`` to its logits (scale, then soft-cap)."""
-        if self.logit_scale != 1.0:
-            z = z * self.logit_scale
-        if self.logit_softcap is not None:
-            z = torch.tanh(z / self.logit_softcap) * self.logit_softcap
-        return z
+        return self.soft_cap(z * self.logit_scale if self.logit_scale != 1.0 else z)
+
+    def soft_cap(self, z: Tensor) -> Tensor:
+        """The final soft-cap alone, ``cap · tanh(z / cap)`` (the identity without one)."""
+        return z if self.logit_softcap is None else torch.tanh(z / self.logit_softcap) * self.logit_softcap
 
     #: Per-block layout names where blocks follow different additive rules (``layout`` is then ``"a+b"``).
     block_layouts: tuple[str, ...] = ()
