@@ -18,7 +18,13 @@ mlp_out            mlp(ln2(resid_mid))      mlp(ln2(resid_pre)) ln2_post(mlp(...
 resid_post         resid_mid + mlp_out      pre + attn + mlp    resid_mid + mlp_out    ln2(resid_mid + mlp_out)
 =================  =======================  ==================  =====================  ==========================
 
-``head_out`` (``heads=True``) has shape ``(batch, pos, head, d_model)``: head ``h``'s write
+In the post-sub-layer-norm layout (OLMo 2) ``attn_read_normed`` is ``resid_pre`` itself and
+``attn_out = ln1_post(attn(resid_pre))``; single-writer blocks (Mamba) have only ``attn_*`` and no
+``resid_mid``. The ``attn`` names are the block's token mixer whatever it is: in a hybrid model's SSM,
+linear-attention or convolution block they can also be read as ``mixer_out``, ``linear_attn_out``,
+``conv_out`` (and ``*_read``, ``*_read_normed``), the bridge's names (``model.arch.writers`` lists them).
+
+``head_out`` (``heads=True``, attention blocks only) has shape ``(batch, pos, head, d_model)``: head ``h``'s write
 ``z_h @ W_O[h]``; ``head_out.sum(head) + attn_bias_out == attn_out`` (for Gemma 2's extra norm, at
 that norm's scale on this input). Globals: ``embed``, ``pos_embed``, ``final_in``, ``final_scale``,
 ``final_out`` and ``logits``.
