@@ -78,8 +78,15 @@ def test_hybrid_blocks_are_named_in_the_bridges_vocabulary(tmp_path):
         tr["mixer_out", 1]
     assert ("head_out", 1) in tr.acts and ("head_out", 0) not in tr.acts  # heads only where there is attention
     assert tr.closure_error() <= coverage.CLOSURE_TOL
-    units = list(sl.LayerSkipEvaluator(m, ["a b c d e f"], progress=False, n_boot=10).sweep("head").table["unit"])
+    ev = sl.LayerSkipEvaluator(m, ["a b c d e f"], progress=False, n_boot=10)
+    units = list(ev.sweep("head").table["unit"])
     assert units and all(u.startswith(("head.1.", "head.3.")) for u in units)
+    assert list(ev.sweep("attn").table["unit"]) == ["mixer.0", "attn.1", "mixer.2", "attn.3"]
+    assert ev.evaluate("mixer.2")["kl"] == ev.evaluate("attn.2")["kl"]  # the same slot, by either name
+    with pytest.raises(sl.StreamlensError, match=r"block 1's token mixer is 'attn', not 'mixer': write 'attn.1'"):
+        ev.evaluate("mixer.1")
+    labels = sl.decompose(m, ["The cat sat"], "top:1", progress=False).labels
+    assert labels[1:5] == ("mixer.0", "mlp.0", "attn.1", "mlp.1")
 
 
 def test_blocks_may_follow_different_additive_rules(tmp_path):

@@ -2,7 +2,10 @@
 
 A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, one routed expert of a
 mixture of experts, or a span of consecutive blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``,
-``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4). Several units removed together form a *set* (:func:`combine`).
+``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4);
+in SSM, linear-attention and convolution blocks the token mixer is ``"mixer.3"``, ``"linear_attn.3"`` or
+``"conv.3"`` (the bridge's names; ``unit="attn"`` sweeps every block's token mixer). Several units
+removed together form a *set* (:func:`combine`).
 What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
 
     >>> parse_unit(model, "head.1.0").atoms
@@ -53,7 +56,7 @@ class Unit:
 def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | None = None) -> Unit:
     """A checked single unit (``span`` takes ``layer`` as its start and a ``width``)."""
     a = model.arch
-    if kind not in KINDS:
+    if kind not in KINDS + _MIXERS:
         raise StreamlensError(f"unknown unit {kind!r}; choose one of {KINDS} or a list of units")
     if kind == "span":
         if not isinstance(width, int) or width < 1:
@@ -75,10 +78,17 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
         if not isinstance(head, int) or not 0 <= head < a.n_heads:
             raise StreamlensError(f"head {head!r} does not exist: layer {layer} has {a.n_heads} heads (0..{a.n_heads - 1})")
         return Unit(f"head.{layer}.{head}", "head", (Atom("head", layer, head),), layer=layer, head=head)
-    return Unit(f"{kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
+    if kind in _MIXERS:  # the token-mixer slot, named as the bridge names it in this block
+        actual = hooks.writer_name(model.bridge, layer, "attn")
+        if actual != kind:
+            raise StreamlensError(f"block {layer}'s token mixer is {actual!r}, not {kind!r}: write '{actual}.{layer}'")
+        kind = "attn"
+    label = hooks.writer_name(model.bridge, layer, "attn") if kind == "attn" else kind
+    return Unit(f"{label or kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
 
 
-_LABEL = re.compile(r"^(block|attn|mlp)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
+_MIXERS = ("mixer", "linear_attn", "conv")
+_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
 
 
 def parse_unit(model, spec) -> Unit:

@@ -240,8 +240,9 @@ def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[in
             for h in range(a.n_heads):
                 writers.append((Component(f"head.{layer}.{h}", "head", layer, h), named["head_out"][:, :, h]))
             writers.append((Component(f"attn_bias.{layer}", "bias", layer), named["attn_bias_out"]))
-        else:
-            writers.append((Component(f"attn.{layer}", "attn", layer), named["attn_out"]))
+        else:  # the token mixer, in the bridge's name for it (attn, mixer, linear_attn, conv)
+            mixer = a.writers[layer][0] if a.writers and a.writers[layer][0] != "-" else "attn"
+            writers.append((Component(f"{mixer}.{layer}", mixer, layer), named["attn_out"]))
         if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
             writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
         elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
