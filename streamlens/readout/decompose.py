@@ -41,19 +41,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from streamlens.errors import StreamlensError, UnsupportedModelError
-from streamlens.model import experts, hooks
-from streamlens.model.affine import down_projection
-from streamlens.model.experts import moe_layers
+from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result, fmt
 from streamlens.readout.components import BIAS, BatchDecomposition, Component
-from streamlens.readout.experts import expert_components
+from streamlens.readout.writers import batch_writers, pick_logits
 from streamlens.readout.neurons import neuron_values, split_neurons
 from streamlens.readout.sources import NOTE_QK, check_source_target, pad_sources, source_valid, split_by_source
 from streamlens.readout.targets import Target, readout, readouts, resolve
 from streamlens.readout.unembed import require_linear_readout
 from streamlens.stream.attention import AttentionReader
-from streamlens.stream.engine import capture
 from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
 UNITS = ("layer", "head", "neuron", "source", "expert")
@@ -224,63 +221,6 @@ class LogitDecomposition(Result):
 
 
 # ---------------------------------------------------------------------------- one batch
-def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[int]):
-    """Run one batch: ``[(Component, write (b, s, d))]``, the globals, the MLP activations and the logits."""
-    a = model.arch
-    writers: list[tuple[Component, Tensor]] = []
-    glob: dict[str, Tensor] = {}
-    acts: dict[int, Tensor] = {}
-    b, p = batch.input_ids.shape
-    bidx, pidx = torch.arange(b)[:, None].to(model.device), pos_idx.to(model.device)
-
-    def on_layer(layer, named):
-        if layer == 0:
-            glob["resid_pre0"] = named["resid_pre"]
-        if unit == "head" and "head_out" in named:
-            for h in range(a.n_heads):
-                writers.append((Component(f"head.{layer}.{h}", "head", layer, h), named["head_out"][:, :, h]))
-            writers.append((Component(f"attn_bias.{layer}", "bias", layer), named["attn_bias_out"]))
-        else:  # the token mixer, in the bridge's name for it (attn, mixer, linear_attn, conv)
-            mixer = a.writers[layer][0] if a.writers and a.writers[layer][0] != "-" else "attn"
-            writers.append((Component(f"{mixer}.{layer}", mixer, layer), named["attn_out"]))
-        if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
-            writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
-        elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
-            writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
-
-    def on_global(name, t):
-        glob[name] = t
-
-    extra = []
-    for l in neuron_layers:
-        def grab(t, l=l):
-            acts[l] = hooks.select_positions_of(t, (b, p), bidx, pidx).float()
-
-        extra.append((down_projection(model, l)[2], grab))
-    if a.logit_softcap is not None:  # the pre-cap logits z (scaled below): what the contributions add up to
-        extra.append((hooks.global_point(model.bridge, "unembed", "out"),
-                      lambda t: glob.__setitem__("unembed_out", hooks.select_positions_of(t, (b, p), bidx, pidx).float())))
-    moe = moe_layers(model) if unit == "expert" else ()
-    if unit == "expert" and not moe:
-        raise StreamlensError(f"unit='expert': {model.name} has no mixture-of-experts blocks")
-    with hooks.attached(extra), experts.recording(model, moe) as calls:
-        logits = capture(model, batch, pos_idx, layers=range(a.n_layers), heads=unit == "head",
-                         store=lambda t: t.float(), on_layer=on_layer, on_global=on_global)
-    if a.embed_is_sum and "embed" in glob:
-        emb = [(Component("embed", "embed"), glob["embed"])]
-        if a.has_pos_embed and "pos_embed" in glob:
-            emb.append((Component("pos_embed", "embed"), glob["pos_embed"]))
-    else:  # whatever enters block 0 (e.g. a scaled or projected embedding) is one writer
-        emb = [(Component("embed", "embed"), glob["resid_pre0"])]
-    return emb + writers, glob, acts, logits.float()
-
-
-def _pick(logits: Tensor, ids: Tensor, con: Tensor | None) -> Tensor:
-    """The logits of ``ids`` (minus those of ``con``): ``(b, s, k)``."""
-    vals = logits.gather(-1, ids.to(logits.device))
-    return vals if con is None else vals - logits.gather(-1, con.to(logits.device))
-
-
 def _apply(u_rows, ys: Tensor, shared: bool) -> Tensor:
     """``u · y`` for ys ``(c, b, s, d)``: u ``(b, s, k, d)`` per position or ``(k, d)`` shared."""
     return torch.einsum("cbsd,kd->cbsk", ys, u_rows) if shared else torch.einsum("cbsd,bskd->cbsk", ys, u_rows)
@@ -288,7 +228,7 @@ def _apply(u_rows, ys: Tensor, shared: bool) -> Tensor:
 
 def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, chunk_size) -> BatchDecomposition:
     a, norm = model.arch, model.final_norm
-    writers, glob, acts, logits = _writers(model, batch, pos_idx, unit, neuron_layers)
+    writers, glob, acts, logits = batch_writers(model, batch, pos_idx, unit, neuron_layers)
     ids, con = readout(model, tgt, logits)
     x = glob["final_in"]  # (b, s, d)
     scale = norm.scale(x)  # (b, s, 1): frozen at this input's value
@@ -315,8 +255,8 @@ def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, ch
     elif tgt.kind == "vocab":
         model_vals = logits
     else:
-        model_vals = _pick(logits, ids, con)
-        capped = None if capped is None else _pick(capped, ids, con)
+        model_vals = pick_logits(logits, ids, con)
+        capped = None if capped is None else pick_logits(capped, ids, con)
     part = BatchDecomposition([c for c, _ in writers] + [BIAS], [w for _, w in writers], vals, abl,
                               model_vals.cpu(), ids, con, final_in=x,
                               capped_values=None if capped is None else capped.float().cpu())
