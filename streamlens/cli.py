@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "sweep", "remove blocks/sub-layers/heads one at a time and measure the damage",
              "streamlens sweep smollm2-135m --data texts.txt --unit block --out sweep.jsonl --resume", _cmd_sweep)
     p.add_argument("--data", required=True, help="texts: .txt (one per line) or .jsonl (a 'text' field)")
-    p.add_argument("--unit", choices=("block", "attn", "mlp", "head", "span"), default="block")
+    p.add_argument("--unit", choices=("block", "attn", "mlp", "head", "expert", "span"), default="block")
     p.add_argument("--width", type=int, default=None, help="span width: consecutive blocks removed together")
     p.add_argument("--mode", choices=("skip", "mean", "drop-residual"), default="skip")
     p.add_argument("--metrics", default="kl,ce,top1", help="comma-separated (default kl,ce,top1)")

@@ -4,12 +4,17 @@
 ``streamlens.load(folder)`` boots offline. The tokenizer is a byte-level BPE trained on Python's own
 documentation (``pydoc_data.topics``, present on every machine). Sizes are asserted, so a "tiny"
 model can never silently be full size.
+
+``build_bridged(architecture, folder)`` does the same for any decoder-only text architecture the
+installed TransformerLens bridges (``bridged_architectures()``, by transformers class name), for the
+coverage check of :mod:`streamlens.coverage`.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -177,3 +182,123 @@ def previous_token_scores(model, *, half: int = 16, n: int = 32, seed: int = 999
     pats = _attention_patterns(model, induction_batch(n, half, seed=seed, vocab=model.arch.d_vocab))
     q = torch.arange(1, 2 * half)
     return torch.stack([p[:, :, q, q - 1].mean(dim=(0, 2)) for p in pats])
+
+
+BRIDGED_MAX_PARAMS = 400_000
+
+# Encoder-only and other non-causal-LM classes share the "ForCausalLM" suffix rarely; these are excluded by name.
+_NOT_TEXT_DECODERS: set[str] = set()
+_EXTRA_DECODERS = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel")
+
+# Sizes applied to every config that has the attribute (read on a default instance, attribute_map included).
+_SIZES: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, intermediate_size=64, max_position_embeddings=128,
+    # mixture of experts
+    moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4, num_local_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+    expert_intermediate_size=16, moe_num_experts=4, num_shared_experts=1, global_moe_intermediate_size=16,
+    # multi-head latent attention (DeepSeek)
+    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    # state-space / convolution / linear-attention mixers
+    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, mamba_n_groups=1, mamba_d_conv=4,
+    state_size=8, ssm_state_size=8, n_groups=1, conv_kernel=4, time_step_rank=4, expand=2, mamba_chunk_size=16,
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_conv_kernel_dim=4, conv_L_cache=3,
+    # misc widths that default to full size
+    hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, lru_width=32, attention_window_size=16,
+    sliding_window=16, block_size=128, n_positions=128, n_ctx=128, ffn_hidden_size=64, n_inner=64, ffn_dim=64,
+    word_embed_proj_dim=32, rotary_dim=4, mamba_d_ssm=64, mamba_num_heads=4, mamba_head_dim=16, n_mamba_heads=4,
+    moe_shared_expert_intermediate_size=16, shared_intermediate_size=16, o_lora_rank=16, o_groups=2,
+    index_n_heads=2, index_head_dim=8, index_topk=4, adapter_rank=4,
+)
+# Scalars that default to 1 (or to a cap far above a tiny model's logits) are set to values that change the
+# numbers, so a check that ignores them fails instead of passing by accident.
+_NONTRIVIAL: dict[str, Any] = dict(
+    residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0, lm_head_multiplier=0.5,
+    final_logit_softcapping=1.0, logit_scale=0.5, initializer_range=0.1,
+)
+# Token ids that must lie inside the tiny vocabulary.
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
+
+# Per-architecture settings on top of _SIZES: mostly layer patterns, so that a tiny hybrid model has
+# one block of each kind.
+_EXTRA: dict[str, dict[str, Any]] = {
+    "GPTNeoForCausalLM": dict(attention_types=[[["global", "local"], 1]]),
+    "Mamba2ForCausalLM": dict(num_heads=4, head_dim=16),
+    "Zamba2ForCausalLM": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "mamba"]),
+    "NemotronHForCausalLM": dict(layers_block_type=["mamba", "attention", "mlp", "moe"]),
+    "OlmoHybridForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+    "DeepseekV4ForCausalLM": dict(head_dim=16, qk_rope_head_dim=8, num_key_value_heads=1),
+    "JambaForCausalLM": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                             expert_layer_offset=1, use_mamba_kernels=False),
+    "BambaForCausalLM": dict(num_hidden_layers=2, attn_layer_indices=[1]),
+    "GraniteMoeHybridForCausalLM": dict(num_hidden_layers=2, layer_types=["mamba", "attention"]),
+    "Lfm2ForCausalLM": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+    "Lfm2MoeForCausalLM": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+                               num_dense_layers=1),
+    "Qwen3NextForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5ForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+    "Qwen3_5MoeForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+    "RecurrentGemmaForCausalLM": dict(num_hidden_layers=2, block_types=["recurrent", "attention"]),
+    "DeepseekV2ForCausalLM": dict(first_k_dense_replace=1),
+    "DeepseekV3ForCausalLM": dict(first_k_dense_replace=1),
+}
+
+
+# ---------------------------------------------------------------------------- every architecture the bridge knows
+def bridged_architectures() -> list[str]:
+    """Decoder-only text architectures the installed TransformerLens bridges and transformers can build.
+
+    Read from TransformerLens' ``SUPPORTED_ARCHITECTURES`` (class names of HuggingFace models); kept: the
+    causal LM classes (``*ForCausalLM``, GPT-2's and GPT-1's ``*LMHeadModel``) that the installed
+    transformers defines. Multimodal, encoder, encoder-decoder, audio and vision classes are left out.
+    """
+    import transformers
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    out = [name for name in SUPPORTED_ARCHITECTURES
+           if (name.endswith("ForCausalLM") or name in _EXTRA_DECODERS) and name not in _NOT_TEXT_DECODERS
+           and hasattr(transformers, name)]
+    return sorted(set(out), key=str.lower)
+
+
+def bridged_config(architecture: str):
+    """``(config, model_class)`` of a tiny ``architecture`` (a transformers class name), through its config constructor."""
+    import transformers
+
+    cls = getattr(transformers, architecture)
+    config_cls = cls.config_class
+    default = config_cls()
+
+    def known(k: str) -> bool:  # a settable attribute of the config (attribute_map included)
+        if isinstance(getattr(config_cls, k, None), property):
+            return False
+        try:
+            return hasattr(default, k)
+        except Exception:  # Gemma 4: a per-layer attribute read globally; it is a constructor argument
+            return True
+
+    kwargs = {k: v for k, v in {**_SIZES, **_NONTRIVIAL}.items() if known(k)}
+    kwargs.update({k: 0 for k in _TOKEN_IDS if known(k) and getattr(default, k, None) is not None})
+    if known("kv_lora_rank"):  # multi-head latent attention: one key/value head per query head
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    kwargs.update(_EXTRA.get(architecture, {}))
+    if known("tie_word_embeddings"):
+        kwargs.setdefault("tie_word_embeddings", False)
+    return config_cls(**kwargs), cls
+
+
+def build_bridged(architecture: str, folder: str | Path, *, seed: int = 0) -> tuple[Path, int]:
+    """Build, size-check and save a tiny ``architecture`` model with the tiny tokenizer; ``(folder, n_params)``."""
+    config, cls = bridged_config(architecture)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # zero-initialised projections (nanochat's) would make every removal a no-op
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.abs().max() > 0):
+                p.normal_(0.0, 0.02)
+    n = sum(p.numel() for p in model.parameters())
+    if n > BRIDGED_MAX_PARAMS:
+        raise AssertionError(f"tiny {architecture} has {n:,} parameters, more than {BRIDGED_MAX_PARAMS:,}: a size was not set")
+    return save_model(model, folder), n

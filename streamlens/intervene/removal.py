@@ -38,6 +38,7 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Atom, Unit
 from streamlens.model import hooks
+from streamlens.model.experts import drop_experts, experts_module
 
 # ------------------------------------------------------------------------------- where a removal acts
 def write_point(arch, atom: Atom) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def write_point(arch, atom: Atom) -> tuple[str, str]:
         return "block", "out"
     if atom.kind == "head":
         return "o", "in"
-    return arch.rule.write_point(atom.kind)
+    return arch.rule_of(atom.layer).write_point(atom.kind)
 
 
 def base_point(arch, atom: Atom) -> tuple[str, str] | None:
@@ -54,7 +55,7 @@ def base_point(arch, atom: Atom) -> tuple[str, str] | None:
     if atom.kind == "block":
         return "block", "in"
     if atom.kind in ("attn", "mlp"):
-        return arch.rule.base_point(atom.kind)
+        return arch.rule_of(atom.layer).base_point(atom.kind)
     return None
 
 
@@ -95,9 +96,13 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
             atoms += [Atom("attn", atom.layer), Atom("mlp", atom.layer)]
         else:
             atoms.append(atom)
+    experts: dict[int, list[int]] = {}
     for atom in atoms:
         if atom.kind == "head":
             heads.setdefault(atom.layer, []).append(atom.head)
+            continue
+        if atom.kind == "expert":
+            experts.setdefault(atom.layer, []).append(atom.head)
             continue
         if atom.kind == "block" and mode == "skip" and not skip_blocks:
             continue
@@ -137,6 +142,8 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
             return z.reshape(t.shape)
 
         out.append((hp, zfn))
+    for layer, es in experts.items():  # zero the routing weights of the removed experts: exactly their share
+        out.append((experts_module(model, layer), hooks.PreHook(drop_experts(es))))
     return out
 
 

@@ -1,8 +1,11 @@
 """Units that can be removed from the residual stream: the unit grammar.
 
-A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, or a span of consecutive
-blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``, ``"head.3.1"`` (layer 3, head 1),
-``"span.3:5"`` (blocks 3 and 4). Several units removed together form a *set* (:func:`combine`).
+A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, one routed expert of a
+mixture of experts, or a span of consecutive blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``,
+``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4);
+in SSM, linear-attention and convolution blocks the token mixer is ``"mixer.3"``, ``"linear_attn.3"`` or
+``"conv.3"`` (the bridge's names; ``unit="attn"`` sweeps every block's token mixer). Several units
+removed together form a *set* (:func:`combine`).
 What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
 
     >>> parse_unit(model, "head.1.0").atoms
@@ -16,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamlens.errors import StreamlensError
+from streamlens.model import hooks
+from streamlens.model.experts import moe_layers, n_experts
 
-KINDS = ("block", "attn", "mlp", "head", "span")
+KINDS = ("block", "attn", "mlp", "head", "span", "expert")
 #: Removal modes (see :mod:`streamlens.intervene.removal`).
 MODES = ("skip", "mean", "drop-residual")
 
@@ -51,7 +56,7 @@ class Unit:
 def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | None = None) -> Unit:
     """A checked single unit (``span`` takes ``layer`` as its start and a ``width``)."""
     a = model.arch
-    if kind not in KINDS:
+    if kind not in KINDS + _MIXERS:
         raise StreamlensError(f"unknown unit {kind!r}; choose one of {KINDS} or a list of units")
     if kind == "span":
         if not isinstance(width, int) or width < 1:
@@ -63,14 +68,27 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
         return Unit(f"span.{layer}:{layer + width}", "span", tuple(Atom("block", l) for l in range(layer, layer + width)),
                     start=layer, width=width)
     layer = model.check_layer(layer)
+    if kind == "expert":  # one routed expert of a mixture-of-experts block: ``head`` is the expert's index
+        n = n_experts(model, layer)
+        if not isinstance(head, int) or not 0 <= head < n:
+            raise StreamlensError(f"expert {head!r} does not exist: block {layer} has "
+                                  + (f"{n} routed experts (0..{n - 1})" if n else "no mixture of experts"))
+        return Unit(f"expert.{layer}.{head}", "expert", (Atom("expert", layer, head),), layer=layer, head=head)
     if kind == "head":
         if not isinstance(head, int) or not 0 <= head < a.n_heads:
             raise StreamlensError(f"head {head!r} does not exist: layer {layer} has {a.n_heads} heads (0..{a.n_heads - 1})")
         return Unit(f"head.{layer}.{head}", "head", (Atom("head", layer, head),), layer=layer, head=head)
-    return Unit(f"{kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
+    if kind in _MIXERS:  # the token-mixer slot, named as the bridge names it in this block
+        actual = hooks.writer_name(model.bridge, layer, "attn")
+        if actual != kind:
+            raise StreamlensError(f"block {layer}'s token mixer is {actual!r}, not {kind!r}: write '{actual}.{layer}'")
+        kind = "attn"
+    label = hooks.writer_name(model.bridge, layer, "attn") if kind == "attn" else kind
+    return Unit(f"{label or kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
 
 
-_LABEL = re.compile(r"^(block|attn|mlp)\.(-?\d+)$|^head\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
+_MIXERS = ("mixer", "linear_attn", "conv")
+_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
 
 
 def parse_unit(model, spec) -> Unit:
@@ -81,13 +99,13 @@ def parse_unit(model, spec) -> Unit:
         m = _LABEL.match(spec.strip())
         if not m:
             raise StreamlensError(
-                f"cannot read unit {spec!r}: write 'block.3', 'attn.3', 'mlp.3', 'head.3.1' or 'span.3:5'"
+                f"cannot read unit {spec!r}: write 'block.3', 'attn.3', 'mlp.3', 'head.3.1', 'expert.3.5' or 'span.3:5'"
             )
         if m.group(1):
             return unit_of(model, m.group(1), int(m.group(2)))
         if m.group(3):
-            return unit_of(model, "head", int(m.group(3)), int(m.group(4)))
-        lo, hi = int(m.group(5)), int(m.group(6))
+            return unit_of(model, m.group(3), int(m.group(4)), int(m.group(5)))
+        lo, hi = int(m.group(6)), int(m.group(7))
         return unit_of(model, "span", lo, width=hi - lo)
     if isinstance(spec, tuple) and spec and isinstance(spec[0], str):
         if spec[0] == "span" and len(spec) == 3:
@@ -109,18 +127,32 @@ def combine(units: Sequence[Unit]) -> Unit:
 def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
     """Every single unit of a kind, in layer (then head) order; spans of ``width`` at every start."""
     a = model.arch
-    if kind == "head":
-        return [unit_of(model, "head", l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
     if kind == "span":
         unit_of(model, "span", 0, width=width)  # checks the width
         return [unit_of(model, "span", s, width=width) for s in range(a.n_layers - width + 1)]
-    return [unit_of(model, kind, l) for l in range(a.n_layers)]
+    if kind == "block":
+        return [unit_of(model, kind, l) for l in range(a.n_layers)]
+    # Hybrid models: heads only in attention blocks, a sub-layer only where its slot is filled.
+    if kind == "head":
+        layers = [l for l in range(a.n_layers) if hooks.block_point(model.bridge, l, "o", "in") is not None]
+        units = [unit_of(model, "head", l, h) for l in layers for h in range(a.n_heads)]
+    elif kind == "expert":
+        units = [unit_of(model, "expert", l, e) for l in moe_layers(model) for e in range(n_experts(model, l))]
+    else:
+        units = [unit_of(model, kind, l) for l in range(a.n_layers)
+                 if kind in a.rule_of(l).slots and hooks.writer_name(model.bridge, l, kind) is not None]
+    if not units:
+        raise StreamlensError(f"{model.name} has no {kind} units: its blocks' writers are "
+                              f"{sorted({w for ws in a.writers for w in ws if w != '-'})}")
+    return units
 
 
 def check_mode(mode: str, unit: Unit) -> None:
     """Refuse an unknown mode, or drop-residual on anything but blocks."""
     if mode not in MODES:
         raise StreamlensError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if mode != "skip" and any(a.kind == "expert" for a in unit.atoms):
+        raise StreamlensError(f"an expert is removed by zeroing its routing weight: mode 'skip' only, not {mode!r}")
     if mode == "drop-residual" and any(a.kind != "block" for a in unit.atoms):
         raise StreamlensError(
             f"mode 'drop-residual' removes a block's skip connection; it applies to blocks and spans, not {unit.label!r}"

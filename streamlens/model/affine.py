@@ -46,7 +46,8 @@ def output_projection(model: Model, layer: int) -> tuple[Float[Tensor, "head d_h
 
 
 def down_projection(model: Model, layer: int) -> tuple[Float[Tensor, "d_mlp d_model"], Float[Tensor, " d_model"], Any]:
-    """``(W, b, hook)``: the MLP's down projection ``out = act @ W + b`` and the hook point that sees ``act``."""
+    """``(W, b, hook)``: the MLP's write as ``act @ W + b`` (its down projection, times any residual multiplier)
+    and the hook point that sees ``act``."""
     mlp = hooks.block_component(model.bridge, layer, "mlp")
     out = None if mlp is None else hooks.child(mlp, "out")
     hp = hooks.hook_point(out, "in")
@@ -55,7 +56,8 @@ def down_projection(model: Model, layer: int) -> tuple[Float[Tensor, "d_mlp d_mo
     lin = out.original_component
     width = int(getattr(lin, "in_features", 0) or model.arch.d_mlp)
     w, b = measure(lin, width)
-    return w, b, hp
+    r = model.arch.write_scale  # scaled writes (Granite): the write is r · (act @ W + b)
+    return (w, b, hp) if r == 1.0 else (w * r, b * r, hp)
 
 
 def unembedding(model: Model) -> tuple[Float[Tensor, "d_vocab d_model"], Float[Tensor, " d_vocab"] | None]:

@@ -29,10 +29,12 @@ BLOCK_POINTS: tuple[tuple[str, str], ...] = (
     ("block", "in"),
     ("ln1", "in"),
     ("ln1", "out"),
+    ("attn", "in"),
     ("attn", "out"),
     ("ln1_post", "out"),
     ("ln2", "in"),
     ("ln2", "out"),
+    ("mlp", "in"),
     ("mlp", "out"),
     ("ln2_post", "out"),
     ("block", "out"),
@@ -44,6 +46,7 @@ GLOBAL_POINTS: tuple[tuple[str, str], ...] = (
     ("pos_embed", "out"),
     ("ln_final", "in"),
     ("ln_final", "out"),
+    ("unembed", "in"),
     ("unembed", "out"),
 )
 
@@ -57,15 +60,41 @@ def child(module: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+#: A block is a set of writers in two slots: the token mixer (``attn``: attention, or the bridge's ``mixer``
+#: for SSM/Mamba blocks, ``linear_attn`` for linear attention / gated DeltaNet, ``conv`` for short
+#: convolutions) and the channel mixer (``mlp``: an MLP or a mixture of experts). A slot name resolves to
+#: whichever of these components the block has, in this order; ``ln1`` is also the bridge's ``norm`` of
+#: single-writer (Mamba-style) blocks.
+SLOTS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn", "mixer", "linear_attn", "conv"),
+    "mlp": ("mlp",),
+    "ln1": ("ln1", "norm"),
+}
+
+
+def writer_name(bridge: nn.Module, layer: int, slot: str) -> str | None:
+    """The bridge's name of the component filling ``slot`` (``"attn"``/``"mlp"``) in block ``layer``, or None."""
+    block = bridge.blocks[layer]
+    return next((name for name in SLOTS.get(slot, (slot,)) if child(block, name) is not None), None)
+
+
 def block_component(bridge: nn.Module, layer: int, component: str) -> nn.Module | None:
-    """The bridge component ``component`` of block ``layer`` (``"block"`` for the block itself)."""
+    """The bridge component ``component`` of block ``layer`` (``"block"`` for the block itself).
+
+    ``component`` may be a slot (:data:`SLOTS`) or a dotted path inside one (``"attn.o"``, ``"mlp.out"``).
+    """
     block = bridge.blocks[layer]
     if component == "block":
         return block
     if component == "o":
         attn = child(block, "attn")
         return None if attn is None else child(attn, "o")
-    return child(block, component)
+    head, _, rest = component.partition(".")
+    name = writer_name(bridge, layer, head)
+    module = None if name is None else child(block, name)
+    for part in rest.split(".") if rest else ():
+        module = None if module is None else child(module, part)
+    return module
 
 
 def hook_point(component: nn.Module | None, side: str) -> nn.Module | None:
@@ -99,6 +128,13 @@ def model_lock(module: nn.Module):
     return _LOCKS.get(module) or nullcontext()
 
 
+class PreHook:
+    """A forward pre-hook ``fn(module, args, kwargs) -> (args, kwargs)`` for :func:`attached`."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+
 @contextmanager
 def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
     """Attach ``fn`` as a forward hook on each module for the duration of the block.
@@ -111,7 +147,10 @@ def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
     with model_lock(hooks[0][0]) if hooks else nullcontext():
         try:
             for module, fn in hooks:
-                handles.append(module.register_forward_hook(_wrap(fn)))
+                if isinstance(fn, PreHook):  # changes a module's inputs (an expert's routing weight)
+                    handles.append(module.register_forward_pre_hook(fn.fn, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(_wrap(fn)))
             yield
         finally:
             for h in handles:

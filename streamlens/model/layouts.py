@@ -20,11 +20,29 @@ layout          rule
 ``parallel``    ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``  (GPT-J, GPT-NeoX)
 ``sandwich``    ``pre`` with an extra norm on each write: ``attn_out = ln1_post(attn(...))``  (Gemma 2)
 ``post``        ``resid_mid = ln1(resid_pre + attn(resid_pre))``; ``resid_post = ln2(resid_mid + mlp(resid_mid))``  (BERT)
+``post_sub``    ``resid_mid = resid_pre + ln1_post(attn(resid_pre))``; ``resid_post = resid_mid + ln2_post(mlp(resid_mid))``
+                (the norm after the sub-layer, none before it: OLMo 2/3, FlexOlmo, EXAONE 4)
+``single``      ``resid_post = resid_pre + mixer(norm(resid_pre))``: one writer per block (Mamba, Mamba 2, Nemotron-H)
 ==============  ==========================================================================================
+
+A block is a set of writers in two *slots* (:data:`streamlens.model.hooks.SLOTS`): ``attn`` is the
+token mixer (attention, or the bridge's ``mixer`` / ``linear_attn`` / ``conv`` in SSM, linear-attention
+and convolution blocks) and ``mlp`` the channel mixer (MLP or mixture of experts). Every rule above
+holds whatever fills the slots, so hybrid models (Jamba, Bamba, LFM2, Qwen3-Next) follow ``pre``.
+
+Two measured adjustments apply to any layout (:meth:`Layout.adjusted`):
+
+* *true writes*: where the bridge declares that a slot's write is a point inside it (its hook aliases
+  ``hook_attn_out`` / ``hook_mlp_out``: Bloom's ``attn.o``, MPT's ``mlp.out``, whose sub-module outputs
+  already include the residual), that point is the write;
+* *scaled writes*: ``x + r · f(x)`` with one residual multiplier ``r`` (Granite's ``residual_multiplier``).
+
+The probe keeps an adjustment only where the layout's equations then hold on the model's own numbers.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
@@ -50,15 +68,43 @@ class Layout:
     #: Points that must be absent for this layout to apply (an extra norm rules out the plain rule).
     absent: ClassVar[tuple[Point, ...]] = (("ln1_post", "out"),)
 
+    #: The slots this rule has (single-writer blocks have only the token mixer).
+    slots: ClassVar[tuple[str, ...]] = SUBLAYERS
+    #: Measured adjustments (see :meth:`adjusted`): true write points per slot, and the residual multiplier.
+    true_writes: Mapping[str, Point] = {}
+    scale: float = 1.0
+
     @property
     def has_resid_mid(self) -> bool:
         return self.resid_mid_point is not None
+
+    def adjusted(self, true_writes: Mapping[str, Point] | None = None, scale: float = 1.0) -> Layout:
+        """This rule with the writes read at ``true_writes`` (per slot) and multiplied by ``scale``."""
+        if not true_writes and scale == 1.0:
+            return self
+        out = copy.copy(self)
+        out.true_writes, out.scale = dict(true_writes or {}), float(scale)
+        return out
+
+    @property
+    def adjustments(self) -> str:
+        """The adjustments in words ('' for none)."""
+        parts = [f"{sub} writes at {'.'.join(p[:1])}.hook_{p[1]}" for sub, p in self.true_writes.items()]
+        if self.scale != 1.0:
+            parts.append(f"writes scaled by {self.scale:g}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ declarations
     resid_mid_point: ClassVar[Point | None] = ("ln2", "in")
 
     def write_point(self, sub: str) -> Point:
         """Where sub-layer ``sub``'s write into the stream can be read (and replaced)."""
+        if sub in self.true_writes:
+            return self.true_writes[sub]
+        return self.raw_write_point(sub)
+
+    def raw_write_point(self, sub: str) -> Point:
+        """The write point of the plain rule (before any true-write adjustment)."""
         return sub, "out"
 
     def base_point(self, sub: str) -> Point | None:
@@ -94,7 +140,7 @@ class Layout:
         pts = {("block", "in"), ("block", "out")}
         if self.resid_mid_point is not None:
             pts.add(self.resid_mid_point)
-        for sub in sublayers:
+        for sub in (s for s in sublayers if s in self.slots):
             pts.add(self.write_point(sub))
             if self.base_point(sub) is not None:
                 pts.add(self.base_point(sub))
@@ -116,23 +162,34 @@ class Layout:
         """Sub-layer ``sub``'s write from the raw points."""
         w = raw[self.write_point(sub)]
         base = self.base_point(sub)
-        return w if base is None else w - raw[base]
+        w = w if base is None else w - raw[base]
+        return w if self.scale == 1.0 else w * self.scale
 
     def named(self, raw: Mapping[Point, Tensor], sublayers: Sequence[str], has_ln2: bool) -> dict[str, Tensor]:
         """One layer's named tensors from its raw points (aliases share storage: ``attn_read`` is ``resid_pre``)."""
         out = {"resid_pre": raw[("block", "in")], "resid_post": raw[("block", "out")]}
         if self.resid_mid_point is not None:
             out["resid_mid"] = raw[self.resid_mid_point]
-        reads = {"attn": out["resid_pre"], "mlp": out[self.mlp_reads()]}
-        for sub in sublayers:
+        reads = {"attn": out["resid_pre"], "mlp": out.get(self.mlp_reads())}
+        for sub in (s for s in sublayers if s in self.slots):
             normed = self.read_normed_point(sub, has_ln2)
             out[f"{sub}_read"] = reads[sub]
             out[f"{sub}_read_normed"] = reads[sub] if normed is None else raw[normed]
             out[f"{sub}_out"] = self.write(raw, sub)
         return out
 
+    def _key(self) -> tuple:
+        return self.name, tuple(sorted(self.true_writes.items())), self.scale
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def __repr__(self) -> str:
-        return f"<layout {self.name}: {self.rule}>"
+        extra = f" ({self.adjustments})" if self.adjustments else ""
+        return f"<layout {self.name}: {self.rule}{extra}>"
 
 
 class PreNorm(Layout):
@@ -158,7 +215,7 @@ class Sandwich(Layout):
     rule = "resid_mid = resid_pre + ln1_post(attn(ln1(resid_pre))); resid_post = resid_mid + ln2_post(mlp(ln2(resid_mid)))"
     absent = ()
 
-    def write_point(self, sub: str) -> Point:
+    def raw_write_point(self, sub: str) -> Point:
         return f"{_NORM[sub]}_post", "out"
 
     def write_norm(self, sub: str) -> str | None:
@@ -171,7 +228,7 @@ class PostNorm(Layout):
     additive = False
     resid_mid_point = ("ln1", "out")
 
-    def write_point(self, sub: str) -> Point:
+    def raw_write_point(self, sub: str) -> Point:
         return _NORM[sub], "in"  # what enters the norm: the stream plus the write
 
     def base_point(self, sub: str) -> Point:
@@ -186,8 +243,65 @@ class PostNorm(Layout):
                 ("resid_post = ln2(resid_mid + mlp_out)", post, norm("ln2")(mid.float() + named["mlp_out"].float()))]
 
 
+class PostSubLayerNorm(Sandwich):
+    """The norm after each sub-layer and none before it: ``x + norm(f(x))`` (OLMo 2/3, FlexOlmo, EXAONE 4)."""
+
+    name = "post_sub"
+    rule = "resid_mid = resid_pre + ln1_post(attn(resid_pre)); resid_post = resid_mid + ln2_post(mlp(resid_mid))"
+    absent = (("ln1", "out"), ("ln2", "out"))
+    resid_mid_point = ("mlp", "in")
+
+    def read_normed_point(self, sub: str, has_ln2: bool) -> Point | None:
+        return None
+
+    def read_points(self, has_ln2: bool) -> dict[str, Point]:
+        return {"attn_read": ("attn", "in")}
+
+
+class SingleWriter(Layout):
+    """One writer per block, ``x + mixer(norm(x))`` (Mamba, Mamba 2, FalconMamba, Nemotron-H, Zamba 2's Mamba blocks)."""
+
+    name = "single"
+    rule = "resid_post = resid_pre + mixer(norm(resid_pre))"
+    slots = ("attn",)
+    absent = (("ln1_post", "out"), ("mlp", "out"), ("ln2", "in"))
+    resid_mid_point = None
+
+    def read_points(self, has_ln2: bool) -> dict[str, Point]:
+        return {"attn_read": ("ln1", "in")}
+
+    def equations(self, named, norm):
+        pre, post = named["resid_pre"], named["resid_post"]
+        return [("resid_post = resid_pre + attn_out", post, pre + named["attn_out"])]
+
+
+class Mixed:
+    """Blocks that follow different additive rules (OLMo-Hybrid: pre-norm linear-attention blocks between
+    post-sub-layer-norm attention blocks). Model-wide questions are answered for all blocks; per-block ones
+    go to ``Architecture.rule_of(layer)``."""
+
+    additive = True
+
+    def __init__(self, rules: Sequence[Layout]):
+        self.rules = tuple(rules)
+        self.name = "+".join(dict.fromkeys(r.name for r in self.rules))
+        self.rule = "; ".join(dict.fromkeys(f"{r.name}: {r.rule}" for r in self.rules))
+        self.slots = tuple(dict.fromkeys(s for r in self.rules for s in r.slots))
+        self.adjustments = self.rules[0].adjustments
+        self.has_resid_mid = all(r.has_resid_mid for r in self.rules)
+
+    def write_norm(self, sub: str) -> str | None:
+        return next((r.write_norm(sub) for r in self.rules if r.write_norm(sub)), None)
+
+    def mlp_reads(self) -> str:
+        return "resid_pre" if any(r.mlp_reads() == "resid_pre" for r in self.rules) else "resid_mid"
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}: per block>"
+
+
 #: Every layout streamlens knows, in the order the probe tries them.
-LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm())
+LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm(), PostSubLayerNorm(), SingleWriter())
 _BY_NAME = {lay.name: lay for lay in LAYOUTS}
 
 

@@ -280,10 +280,16 @@ def _boot(where: str, device, dtype, *, name: str) -> Model:
 
     try:
         bridge = TransformerBridge.boot_transformers(where, device=device, **({"dtype": dtype} if dtype else {}))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, RuntimeError, NotImplementedError) as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if Path(where).expanduser().is_dir():  # a folder that exists: the bridge could not place or build it
+            raise UnsupportedModelError(
+                f"could not load model folder {where!r}: TransformerBridge cannot build this model ({detail})"
+            ) from e
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         raise StreamlensError(
-            f"could not load model {where!r}: not a local folder, and the HuggingFace hub did not provide it "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"could not load model {where!r}: not a local folder, and the HuggingFace hub did not provide it ({detail})"
         ) from e
     return Model(bridge, name=name)
 

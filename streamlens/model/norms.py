@@ -7,6 +7,9 @@ Every norm streamlens supports has the form
 * LayerNorm:        C = I − 11ᵀ/d (centring),  s(x) = sqrt(var(x) + eps),        g = w
 * RMSNorm:          C = I,                      s(x) = sqrt(mean(x²) + eps),      g = w
 * Gemma's RMSNorm:  C = I,                      s(x) = sqrt(mean(x²) + eps),      g = 1 + w
+* LayerNorm1P:      C = I − 11ᵀ/d,              s(x) = sqrt(var(x) + eps),        g = 1 + w   (Nemotron)
+* Identity:         C = I,                      s(x) = 1,                          g = 1       (a block without a norm)
+* any other module of this form: g and b are *measured* (least squares on random inputs, then checked)
 
 With s held at the value it had on an input ("frozen scale"), norm is affine in x, so a residual
 that is a sum of writes x = Σᵢ xᵢ maps to Σᵢ g ⊙ (C xᵢ)/s + b exactly. That identity is what makes the
@@ -28,7 +31,8 @@ from torch import Tensor
 
 from streamlens.errors import UnsupportedModelError
 
-NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_offset"]
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_offset", "layernorm_offset", "identity", "layernorm_fit",
+                   "rmsnorm_fit"]
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,13 @@ class NormSpec:
 
     @property
     def centres(self) -> bool:
-        return self.kind == "layernorm"
+        return self.kind.startswith("layernorm")
 
     def scale(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
-        """s(x): the per-vector divisor, sqrt(var + eps) or sqrt(mean square + eps)."""
+        """s(x): the per-vector divisor, sqrt(var + eps) or sqrt(mean square + eps) (1 for the identity)."""
         x = x.float()
+        if self.kind == "identity":
+            return torch.ones_like(x[..., :1])
         if self.centres:
             var = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
         else:
@@ -107,16 +113,34 @@ def identify_norm(module: torch.nn.Module, d_model: int, *, where: str) -> NormS
     }
     if weight is not None:
         candidates["rmsnorm_offset"] = NormSpec("rmsnorm_offset", eps, 1.0 + weight.float(), bias)
-    errors = {}
-    for kind, spec in candidates.items():
-        got = spec(x)
-        errors[kind] = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
-    best = min(errors, key=errors.get)
+        candidates["layernorm_offset"] = NormSpec("layernorm_offset", eps, 1.0 + weight.float(), bias)
+    candidates["identity"] = NormSpec("identity", 0.0, None, None)
     tol = 1e-4 if dtype == torch.float32 or dtype == torch.float64 else 2e-2
-    if errors[best] > tol:
-        detail = ", ".join(f"{k}: {v:.1e}" for k, v in errors.items())
-        raise UnsupportedModelError(
-            f"{where} ({type(module).__name__}) computes none of LayerNorm, RMSNorm or Gemma's (1 + w) RMSNorm "
-            f"(relative error of each formula: {detail}); streamlens cannot hold its scale fixed"
-        )
-    return candidates[best]
+    errors = {kind: _rel(spec(x), want) for kind, spec in candidates.items()}
+    best = min(errors, key=errors.get)
+    if errors[best] <= tol:
+        return candidates[best]
+    # Not a known formula: measure g and b of g ⊙ C x / s(x) + b, for each choice of C and s, and keep what fits.
+    gen_fit = torch.Generator().manual_seed(1)
+    xf = (torch.randn(64, d_model, generator=gen_fit) * 3 + 0.5).to(device, dtype)
+    with torch.no_grad():
+        yf = module(xf).float()
+    for kind, base in (("layernorm_fit", "layernorm"), ("rmsnorm_fit", "rmsnorm")):
+        unit = NormSpec(base, eps, None, None)
+        z = unit(xf)  # (n, d): C x / s(x)
+        zc, yc = z - z.mean(0), yf - yf.mean(0)
+        gain = (zc * yc).sum(0) / (zc * zc).sum(0).clamp_min(1e-12)  # per-coordinate least squares
+        fitted = NormSpec(kind, eps, gain, yf.mean(0) - gain * z.mean(0))
+        errors[kind] = _rel(fitted(x), want)
+        if errors[kind] <= tol:
+            return fitted
+    detail = ", ".join(f"{k}: {v:.1e}" for k, v in errors.items())
+    raise UnsupportedModelError(
+        f"{where} ({type(module).__name__}) is not a norm of the form g ⊙ C x / s(x) + b (LayerNorm, RMSNorm and their "
+        f"(1 + w) variants, the identity, or any measured g and b; relative error of each: {detail}), so streamlens "
+        "cannot hold its scale fixed"
+    )
+
+
+def _rel(got: Tensor, want: Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()

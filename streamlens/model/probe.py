@@ -56,10 +56,47 @@ class Architecture:
     unembed_bias: bool
     causal: bool
 
+    #: Measured adjustments of the rule: true write points ``(slot, component, side)`` and the residual multiplier.
+    true_writes: tuple[tuple[str, str, str], ...] = ()
+    write_scale: float = 1.0
+    #: What fills each slot, per block: ``(("attn", "mlp"), ("mixer", "mlp"), ...)`` in the bridge's names.
+    writers: tuple[tuple[str, ...], ...] = ()
+    #: The model's own final transform of ``z = unembed(ln_final(x))``: ``logits = cap · tanh(scale · z / cap)``
+    #: (no cap: ``scale · z``). Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma 2's soft-cap.
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    #: Why the logits are not a known transform of ``unembed(ln_final(x))`` ('' when they are).
+    readout_problem: str = ""
+
+    @property
+    def readout(self) -> str:
+        """The readout in words: ``unembed``, ``0.5 · unembed``, ``softcap(30) of unembed``."""
+        z = "unembed" if self.logit_scale == 1.0 else f"{self.logit_scale:g} · unembed"
+        return z if self.logit_softcap is None else f"softcap({self.logit_softcap:g}) of {z}"
+
+    def final_transform(self, z: Tensor) -> Tensor:
+        """The model's own map from ``unembed(ln_final(x))`` to its logits (scale, then soft-cap)."""
+        return self.soft_cap(z * self.logit_scale if self.logit_scale != 1.0 else z)
+
+    def soft_cap(self, z: Tensor) -> Tensor:
+        """The final soft-cap alone, ``cap · tanh(z / cap)`` (the identity without one)."""
+        return z if self.logit_softcap is None else torch.tanh(z / self.logit_softcap) * self.logit_softcap
+
+    #: Per-block layout names where blocks follow different additive rules (``layout`` is then ``"a+b"``).
+    block_layouts: tuple[str, ...] = ()
+
+    def rule_of(self, layer: int) -> Layout:
+        """Block ``layer``'s :class:`~streamlens.model.layouts.Layout` (with the measured adjustments)."""
+        name = self.block_layouts[layer] if self.block_layouts else self.layout
+        return layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale)
+
     @property
     def rule(self) -> Layout:
-        """The :class:`~streamlens.model.layouts.Layout` object behind ``layout``."""
-        return layouts.get(self.layout)
+        """The model's :class:`~streamlens.model.layouts.Layout` (a :class:`~streamlens.model.layouts.Mixed`
+        one where blocks differ: ask :meth:`rule_of` per block)."""
+        if self.block_layouts:
+            return layouts.Mixed([self.rule_of(l) for l in range(self.n_layers)])
+        return self.rule_of(0)
 
     @property
     def parallel(self) -> bool:
@@ -91,6 +128,20 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
+def _true_write_candidates(bridge: nn.Module, layer: int) -> dict[str, tuple[str, str]]:
+    """Points *inside* a slot that the bridge's hook aliases name as its write (``hook_attn_out: attn.o.hook_out``)."""
+    aliases = getattr(bridge.blocks[layer], "hook_aliases", None) or {}
+    out = {}
+    for sub in SUBLAYERS:
+        target = aliases.get(f"hook_{sub}_out")
+        target = next((t for t in target if isinstance(t, str)), None) if isinstance(target, (list, tuple)) else target
+        if isinstance(target, str) and target.startswith(f"{sub}.") and target.endswith(".hook_out"):
+            comp = target[: -len(".hook_out")]
+            if comp != sub:
+                out[sub] = (comp, "out")
+    return out
+
+
 def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     """Every raw block and global point of one forward, by ``(layer or None, component, side)``."""
     rec: dict[tuple, Tensor] = {}
@@ -101,7 +152,7 @@ def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
         return lambda t: rec.__setitem__(key, hooks.select_positions_of(t, shape, None, None, all_positions=True).clone())
 
     for layer in range(len(model.bridge.blocks)):
-        for comp, side in hooks.BLOCK_POINTS:
+        for comp, side in hooks.BLOCK_POINTS + tuple(_true_write_candidates(model.bridge, layer).values()):
             hp = hooks.block_point(model.bridge, layer, comp, side)
             if hp is not None:
                 attach.append((hp, keep((layer, comp, side))))
@@ -114,25 +165,118 @@ def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     return rec, logits
 
 
-def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[str, float]:
-    """Each applicable layout's worst relative error on ``layer``'s recorded points (its equations and reads)."""
-    errs: dict[str, float] = {}
-    for lay in layouts.LAYOUTS:
-        need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
-        if any(p not in raw for p in need) or any(p in raw for p in lay.absent):
-            continue
-        norms = {comp: model.block_norms.get((layer, comp)) for comp in ("ln1", "ln2")}
-        if not lay.additive and None in norms.values():
-            continue
-        named = lay.named(raw, SUBLAYERS, has_ln2)
-        worst = [relative_error(predicted, recorded) for _, recorded, predicted in lay.equations(named, norms.get)]
-        worst += [relative_error(raw[p], named[read]) for read, p in lay.read_points(has_ln2).items()]
-        errs[lay.name] = max(worst)
+def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[Layout, float]:
+    """Each applicable layout's worst relative error on ``layer``'s recorded points (its equations and reads).
+
+    Each layout is tried plain and with the measured adjustments the model offers (the bridge's true
+    write points, the config's residual multiplier); keys are the (adjusted) layouts, in the order tried.
+    """
+    errs: dict[Layout, float] = {}
+    true = _true_write_candidates(model.bridge, layer)
+    r = getattr(getattr(model.hf, "config", None), "residual_multiplier", None)
+    scales = [1.0] + ([float(r)] if isinstance(r, (int, float)) and float(r) not in (0.0, 1.0) else [])
+    for base in layouts.LAYOUTS:
+        for lay in dict.fromkeys(base.adjusted(tw, sc) for tw in ({}, true) for sc in scales):
+            need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
+            need |= {lay.raw_write_point(sub) for sub in lay.slots}  # a true write replaces a point the rule has
+            if any(p not in raw for p in need) or any(p in raw for p in lay.absent):
+                continue
+            norms = {comp: model.block_norms.get((layer, comp)) for comp in ("ln1", "ln2")}
+            if not lay.additive and None in norms.values():
+                continue
+            named = lay.named(raw, SUBLAYERS, has_ln2)
+            worst = [relative_error(predicted, recorded) for _, recorded, predicted in lay.equations(named, norms.get)]
+            worst += [relative_error(raw[p], named[read]) for read, p in lay.read_points(has_ln2).items()]
+            errs[lay] = max(worst)
     return errs
+
+
+def _no_points(model: Model, layer: int) -> str:
+    """Why a block offers nothing to check: the sub-layers the bridge exposes in it."""
+    parts = [n for n, m in model.bridge.blocks[layer].named_children() if hasattr(m, "hook_out") and not n.startswith("_")]
+    if not parts:
+        return f"the bridge exposes no sub-layers inside block {layer} (it wraps the block whole), so its writes cannot be read"
+    return f"block {layer} exposes {', '.join(parts)}, which fit no known rule"
+
+
+#: Block parts the layouts place: norms and the components that fill the two writer slots.
+_PLACED = {"ln1", "ln2", "ln1_post", "ln2_post", "norm", *(n for names in hooks.SLOTS.values() for n in names)}
+
+
+def _unplaced(model: Model, layer: int, raw: dict) -> str:
+    """The part of a block that keeps it from fitting a rule, in words (or '')."""
+    if ("block", "out") not in raw:
+        return f": the bridge never calls block {layer}'s output hook, so its output cannot be read"
+    parts = [n for n, m in model.bridge.blocks[layer].named_children()
+             if hasattr(m, "hook_out") and not n.startswith("_") and n not in _PLACED]
+    if parts:
+        return (f": block {layer} also has {', '.join(parts)}, which no rule places (a third writer, an input "
+                "transform or a scale of the stream)")
+    return ""
+
+
+def _check_stack(model: Model) -> None:
+    """Refuse, by name, models without one stack of blocks or with a residual that is not one vector per position."""
+    bridge = model.bridge
+    if getattr(bridge, "blocks", None) is None or len(bridge.blocks) == 0:
+        stacks = [n for n, m in bridge.named_children() if isinstance(m, nn.ModuleList)]
+        raise UnsupportedModelError(
+            f"{model.name}: the bridge has no single stack of blocks (it has {', '.join(stacks) or 'none'}), so there "
+            "is no one residual stream to follow"
+        )
+
+
+def _check_residual_shape(model: Model, rec: dict, shape: tuple[int, int], d_model: int) -> None:
+    for (layer, comp, side), t in rec.items():
+        if comp == "block" and t.dim() != 3 or comp == "block" and tuple(t.shape) != (*shape, d_model):
+            raise UnsupportedModelError(
+                f"{model.name}: the residual stream is not one d_model vector per position: block {layer}'s {side}put "
+                f"has shape {tuple(t.shape)} for a batch of shape {shape} (d_model {d_model}); several parallel "
+                "streams (hyper-connections) have no single sum of writes"
+            )
+
+
+def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[float, float | None, str]:
+    """``(logit_scale, logit_softcap, problem)``: how the logits follow from ``z = unembed(ln_final(x))``.
+
+    Checked in order on the probe's numbers: the config's final soft-cap (``final_logit_softcapping``),
+    then ``logits = z``, then ``logits = s · z`` with one positive ``s`` measured by least squares.
+    """
+    if unembed_out is None:
+        return 1.0, None, "the model has no unembedding the bridge can hook"
+    if final_out is not None and unembed_in is not None and relative_error(unembed_in, final_out) > _TOL:
+        ends = (getattr(model.bridge, "unembed", None), getattr(model.bridge, "ln_final", None))
+        head = [n for n, m in model.hf.named_children()
+                if hasattr(m, "hook_out") and all(m is not e for e in ends) and not isinstance(m, nn.ModuleList)
+                and n not in ("model", "transformer", "embed_tokens")]
+        return 1.0, None, (f"a prediction head ({', '.join(head) or 'a module'}) sits between the final norm and the "
+                           "unembedding, so the logits are not linear in the final norm's output")
+    z, logits = unembed_out.float(), logits.float()
+    cfg = getattr(model.hf, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    scale = float((logits * z).sum() / (z * z).sum().clamp_min(1e-30))
+    if isinstance(cap, (int, float)) and cap > 0:
+        capped = torch.tanh(z / cap) * cap
+        if relative_error(capped, logits) <= _TOL:
+            return 1.0, float(cap), ""
+    if relative_error(z, logits) <= _TOL:
+        return 1.0, None, ""
+    if scale > 0 and relative_error(z * scale, logits) <= _TOL:
+        for known in ("logit_scale", "lm_head_multiplier"):  # prefer the config's exact value where it is the one measured
+            v = getattr(cfg, known, None)
+            if isinstance(v, (int, float)) and abs(v - scale) <= 1e-4 * abs(v):
+                scale = float(v)
+        v = getattr(cfg, "logits_scaling", None)
+        if isinstance(v, (int, float)) and v and abs(1 / v - scale) <= 1e-4 / abs(v):
+            scale = 1.0 / float(v)
+        return scale, None, ""
+    return 1.0, None, ("the logits are no soft-cap or positive scale of unembed(ln_final(x)) "
+                       f"(relative error of the best scale: {relative_error(z * scale, logits):.1e})")
 
 
 def probe(model: Model) -> Architecture:
     """Measure ``model``'s :class:`Architecture` (and fill ``model.block_norms`` / ``model.final_norm``)."""
+    _check_stack(model)
     bridge, cfg = model.bridge, model.bridge.cfg
     n_layers = len(bridge.blocks)
     d_model = int(cfg.d_model)
@@ -149,8 +293,8 @@ def probe(model: Model) -> Architecture:
                 model.block_norms[(layer, comp)] = spec
                 kinds.add(spec.kind)
     if not kinds:
-        raise UnsupportedModelError(f"{model.name}: no normalisation layers found in its blocks")
-    if len(kinds) > 1:
+        raise UnsupportedModelError(f"{model.name}: no normalisation layers found in its blocks ({_no_points(model, 0)})")
+    if len(kinds - {"identity"}) > 1:  # a block without a norm (ModernBERT's first) mixes with any kind
         raise UnsupportedModelError(f"{model.name}: blocks mix norm kinds {sorted(kinds)}")
     ln_final = getattr(bridge, "ln_final", None)
     if ln_final is not None:
@@ -159,7 +303,14 @@ def probe(model: Model) -> Architecture:
     # One short probe input through the model, every raw point recorded.
     n = min(6, n_ctx)
     ids = (torch.arange(n) * 7 + 3)[None] % d_vocab
-    rec, logits = _record_all(model, ids, torch.ones_like(ids, dtype=torch.bool))
+    try:
+        rec, logits = _record_all(model, ids, torch.ones_like(ids, dtype=torch.bool))
+    except (RuntimeError, AttributeError, TypeError, ValueError, IndexError) as e:
+        raise UnsupportedModelError(
+            f"{model.name}: the TransformerBridge cannot run this model's forward pass "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from e
+    _check_residual_shape(model, rec, tuple(ids.shape), d_model)
 
     def pt(layer, comp, side):
         return rec.get((layer, comp, side))
@@ -171,22 +322,29 @@ def probe(model: Model) -> Architecture:
         errs = layout_errors(model, layer, raw, has_ln2)
         ok = [k for k, v in errs.items() if v <= _TOL]
         if not ok:
-            detail = "; ".join(f"{k}: {v:.1e}" for k, v in errs.items()) or "no hook points to check"
+            plain = {k.name: v for k, v in errs.items() if not k.adjustments}
+            detail = "; ".join(f"{k}: {v:.1e}" for k, v in plain.items()) or _no_points(model, layer)
             raise UnsupportedModelError(
                 f"{model.name}: block {layer} follows none of the update rules streamlens knows "
-                f"({', '.join(lay.name for lay in layouts.LAYOUTS)}); relative error of each: {detail}"
+                f"({', '.join(lay.name for lay in layouts.LAYOUTS)}){_unplaced(model, layer, raw)}; "
+                f"relative error of each: {detail}"
             )
         found.append(ok[0])
-    if len(set(found)) > 1:
-        raise UnsupportedModelError(f"{model.name}: blocks follow different update rules: {found}")
+    mixed = len(set(found)) > 1
+    if mixed and (not all(lay.additive for lay in found)
+                  or len({(tuple(sorted(lay.true_writes.items())), lay.scale) for lay in found}) > 1):
+        names = [f"{lay.name}" + (f" ({lay.adjustments})" if lay.adjustments else "") for lay in found]
+        raise UnsupportedModelError(f"{model.name}: blocks follow different update rules: {names}")
+    rule = found[0]
 
     embed, pos = pt(None, "embed", "out"), pt(None, "pos_embed", "out")
     first = pt(0, "block", "in")
     embed_is_sum = embed is not None and first is not None and relative_error(embed + (pos if pos is not None else 0), first) <= _TOL
     last_out, final_in = pt(n_layers - 1, "block", "out"), pt(None, "ln_final", "in")
     final_reads = last_out is not None and final_in is not None and relative_error(final_in, last_out) <= _TOL
-    unembed_out = pt(None, "unembed", "out")
-    logits_are_unembed = unembed_out is not None and relative_error(unembed_out, logits) <= _TOL
+    logit_scale, logit_softcap, readout_problem = _readout(model, pt(None, "ln_final", "out"), pt(None, "unembed", "in"),
+                                                            pt(None, "unembed", "out"), logits)
+    logits_are_unembed = not readout_problem
     w, b = model.unembed_weight()
 
     n_heads = int(cfg.n_heads)
@@ -200,14 +358,21 @@ def probe(model: Model) -> Architecture:
         d_mlp=int(cfg.d_mlp) if getattr(cfg, "d_mlp", None) else None,
         d_vocab=d_vocab,
         n_ctx=n_ctx,
-        norm=kinds.pop(),
-        layout=found[0],
+        norm=min(kinds - {"identity"} or kinds),
+        layout="+".join(dict.fromkeys(lay.name for lay in found)),
+        block_layouts=tuple(lay.name for lay in found) if mixed else (),
+        true_writes=tuple((sub, *p) for sub, p in sorted(rule.true_writes.items())),
+        write_scale=rule.scale,
+        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in found[l].slots) for l in range(n_layers)),
         positional=str(getattr(cfg, "positional_embedding_type", "unknown")),
         has_pos_embed=pos is not None,
         embed_is_sum=embed_is_sum,
         final_norm=model.final_norm.kind if model.final_norm else None,
         final_reads_last_resid=final_reads,
         logits_are_unembed=logits_are_unembed,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
+        readout_problem=readout_problem,
         # The bridge gives a bias-free lm_head an all-zero bias *buffer*; only a learned one counts.
         unembed_bias=b is not None and (isinstance(model.bridge.unembed.original_component.bias, nn.Parameter)
                                         or bool(b.abs().max() > 0)),

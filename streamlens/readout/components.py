@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from jaxtyping import Float, Int
 from torch import Tensor
 
-#: What a component is: ``embed`` (token/positional embedding), ``attn``, ``head``, ``mlp``,
-#: ``neuron``, ``source`` (a head's share read at one source position), or ``bias`` (the output bias of a layer's attention, and the last component: the final
-#: norm's bias plus the unembedding's bias).
-KINDS = ("embed", "attn", "head", "mlp", "neuron", "source", "bias")
+#: What a component is: ``embed`` (token/positional embedding), ``attn`` (or the token mixer the bridge
+#: calls ``mixer``, ``linear_attn`` or ``conv`` in SSM, linear-attention and convolution blocks), ``head``,
+#: ``mlp``, ``neuron``, ``source`` (a head's share read at one source position), ``expert`` (one routed expert
+#: of a mixture of experts), or ``bias`` (the output bias of a layer's attention, and the last component: the
+#: final norm's bias plus the unembedding's bias).
+KINDS = ("embed", "attn", "mixer", "linear_attn", "conv", "head", "mlp", "neuron", "source", "expert", "bias")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Component:
     head: int | None = None
     neuron: int | None = None
     source: int | None = None
+    expert: int | None = None
 
 
 BIAS = Component("bias", "bias")
@@ -53,6 +56,8 @@ class BatchDecomposition:
     readout: tuple[Tensor, Tensor] | None = field(repr=False, default=None)
     neuron_acts: dict[int, Tensor] = field(repr=False, default_factory=dict)
     neuron_values: dict[int, Tensor] = field(repr=False, default_factory=dict)
+    #: Soft-capped models: the capped logits the model outputs (``model_values`` are the pre-cap ones).
+    capped_values: Tensor | None = field(repr=False, default=None)
 
     def index(self, label: str) -> int:
         return [c.label for c in self.components].index(label)

@@ -42,19 +42,18 @@ from torch import Tensor
 
 from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.model import hooks
-from streamlens.model.affine import down_projection
 from streamlens.model.loading import Model, as_model
 from streamlens.present.results import Result, fmt
 from streamlens.readout.components import BIAS, BatchDecomposition, Component
+from streamlens.readout.writers import batch_writers, pick_logits
 from streamlens.readout.neurons import neuron_values, split_neurons
 from streamlens.readout.sources import NOTE_QK, check_source_target, pad_sources, source_valid, split_by_source
 from streamlens.readout.targets import Target, readout, readouts, resolve
 from streamlens.readout.unembed import require_linear_readout
 from streamlens.stream.attention import AttentionReader
-from streamlens.stream.engine import capture
 from streamlens.stream.inputs import Inputs, Positions, as_sequences, batches, encode, recorded, select_positions
 
-UNITS = ("layer", "head", "neuron", "source")
+UNITS = ("layer", "head", "neuron", "source", "expert")
 
 
 # ---------------------------------------------------------------------------- the result
@@ -81,6 +80,9 @@ class LogitDecomposition(Result):
     note: str = ""
     str_tokens: tuple[tuple[str, ...], ...] = field(repr=False, default=())  # each prompt's tokens (unit="source")
     causal: bool = True
+    #: Soft-capped models (Gemma 2): the capped logits the model outputs; ``model_values`` (what the
+    #: contributions add up to) are the logits before the cap. None otherwise.
+    capped_values: Float[Tensor, "prompt sel target"] | None = field(repr=False, default=None)
 
     def __post_init__(self):
         n = len(self.components)
@@ -176,6 +178,8 @@ class LogitDecomposition(Result):
             "direct_effect_renormed": (model - abl).numpy(),
             "model_value": model.numpy(),
         })
+        if any(comp.expert is not None for comp in self.components):
+            df.insert(5, "expert", pd.array([self.components[q].expert for q in c.tolist()], dtype="Int64"))
         if self.unit == "source":
             src = torch.tensor([-1 if q.source is None else q.source for q in self.components])[c]
             valid = source_valid(self.positions, [len(t) for t in self.str_tokens], int(src.max()) + 1, self.causal)
@@ -184,6 +188,8 @@ class LogitDecomposition(Result):
             df.insert(5, "source_token", [self.str_tokens[a][q] if 0 <= q < len(self.str_tokens[a]) else None
                                           for a, q in zip(i.tolist(), src.tolist())])
             df = df[keep.numpy()].reset_index(drop=True)
+        if self.capped_values is not None:  # the soft-capped logit the model outputs, beside the pre-cap one
+            df["model_value_capped"] = self.capped_values.reshape(-1).repeat(C).numpy()
         return df
 
     def plot(self):
@@ -215,47 +221,6 @@ class LogitDecomposition(Result):
 
 
 # ---------------------------------------------------------------------------- one batch
-def _writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequence[int]):
-    """Run one batch: ``[(Component, write (b, s, d))]``, the globals, the MLP activations and the logits."""
-    a = model.arch
-    writers: list[tuple[Component, Tensor]] = []
-    glob: dict[str, Tensor] = {}
-    acts: dict[int, Tensor] = {}
-    b, p = batch.input_ids.shape
-    bidx, pidx = torch.arange(b)[:, None].to(model.device), pos_idx.to(model.device)
-
-    def on_layer(layer, named):
-        if layer == 0:
-            glob["resid_pre0"] = named["resid_pre"]
-        if unit == "head":
-            for h in range(a.n_heads):
-                writers.append((Component(f"head.{layer}.{h}", "head", layer, h), named["head_out"][:, :, h]))
-            writers.append((Component(f"attn_bias.{layer}", "bias", layer), named["attn_bias_out"]))
-        else:
-            writers.append((Component(f"attn.{layer}", "attn", layer), named["attn_out"]))
-        writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
-
-    def on_global(name, t):
-        glob[name] = t
-
-    extra = []
-    for l in neuron_layers:
-        def grab(t, l=l):
-            acts[l] = hooks.select_positions_of(t, (b, p), bidx, pidx).float()
-
-        extra.append((down_projection(model, l)[2], grab))
-    with hooks.attached(extra):
-        logits = capture(model, batch, pos_idx, layers=range(a.n_layers), heads=unit == "head",
-                         store=lambda t: t.float(), on_layer=on_layer, on_global=on_global)
-    if a.embed_is_sum and "embed" in glob:
-        emb = [(Component("embed", "embed"), glob["embed"])]
-        if a.has_pos_embed and "pos_embed" in glob:
-            emb.append((Component("pos_embed", "embed"), glob["pos_embed"]))
-    else:  # whatever enters block 0 (e.g. a scaled or projected embedding) is one writer
-        emb = [(Component("embed", "embed"), glob["resid_pre0"])]
-    return emb + writers, glob, acts, logits.float()
-
-
 def _apply(u_rows, ys: Tensor, shared: bool) -> Tensor:
     """``u · y`` for ys ``(c, b, s, d)``: u ``(b, s, k, d)`` per position or ``(k, d)`` shared."""
     return torch.einsum("cbsd,kd->cbsk", ys, u_rows) if shared else torch.einsum("cbsd,bskd->cbsk", ys, u_rows)
@@ -263,7 +228,7 @@ def _apply(u_rows, ys: Tensor, shared: bool) -> Tensor:
 
 def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, chunk_size) -> BatchDecomposition:
     a, norm = model.arch, model.final_norm
-    writers, glob, acts, logits = _writers(model, batch, pos_idx, unit, neuron_layers)
+    writers, glob, acts, logits = batch_writers(model, batch, pos_idx, unit, neuron_layers)
     ids, con = readout(model, tgt, logits)
     x = glob["final_in"]  # (b, s, d)
     scale = norm.scale(x)  # (b, s, 1): frozen at this input's value
@@ -281,16 +246,20 @@ def _decompose_batch(model, batch, pos_idx, tgt: Target, unit, neuron_layers, ch
         vals[-1, ..., sl] += cb.cpu()
         abl[:-1, ..., sl] = (_apply(u, renormed, shared) + cb).cpu()
         u_last = (u.expand(b, s, -1, -1) if shared else u), cb
+    capped = None
+    if a.logit_softcap is not None:  # contributions add up to the pre-cap logit; the capped one is reported beside it
+        capped, logits = logits, glob["unembed_out"] * a.logit_scale
     if tgt.kind == "direction":
         model_vals = (glob["final_out"].float() @ tgt.direction.to(x.device))[..., None]
+        capped = None
     elif tgt.kind == "vocab":
         model_vals = logits
     else:
-        model_vals = logits.gather(-1, ids.to(logits.device))
-        if con is not None:
-            model_vals = model_vals - logits.gather(-1, con.to(logits.device))
+        model_vals = pick_logits(logits, ids, con)
+        capped = None if capped is None else pick_logits(capped, ids, con)
     part = BatchDecomposition([c for c, _ in writers] + [BIAS], [w for _, w in writers], vals, abl,
-                              model_vals.cpu(), ids, con, final_in=x)
+                              model_vals.cpu(), ids, con, final_in=x,
+                              capped_values=None if capped is None else capped.float().cpu())
     for l in neuron_layers:  # neuron n's write is act_n W[n]; its value act_n / s · (g ⊙ C W[n]) · u
         part.readout = u_last
         part.neuron_acts[l] = acts[l]
@@ -326,8 +295,9 @@ def decompose(
             ``chunk_size`` tokens at a time); or a float tensor ``u`` of shape ``(d_model,)``, whose
             value is ``u · ln_final(x)`` (the final norm's output, the vector the unembedding reads).
         contrast: a token (or one per prompt): decompose the logit difference ``target − contrast``.
-        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias), ``"neuron"`` or
-            ``"source"`` (per attention head and source position it read, ``head.l.h@k``).
+        unit: ``"layer"``, ``"head"`` (per attention head plus the output bias), ``"neuron"``,
+            ``"source"`` (per attention head and source position it read, ``head.l.h@k``) or ``"expert"``
+            (per routed expert of each mixture-of-experts block, plus ``mlp_rest``: shared experts).
         positions: which token(s) to read out at (the vocabulary of
             :func:`streamlens.stream.inputs.select_positions`; default ``-1``, the last real token
             of every prompt). Every prompt needs the same number of positions: ints, ``"last"`` or
@@ -408,10 +378,21 @@ def decompose(
             "ablated_logit_renormed recomputes the norm without the component (not additive)")
     if unit == "source":
         note += "; each head split by the source its values were read at (" + NOTE_QK + ")"
+    a = model.arch
+    capped = None
+    if a.logit_softcap is not None and parts[0].capped_values is not None:
+        capped = torch.cat([p.capped_values for p in parts])
+        gap = float((capped - torch.cat([p.model_values for p in parts])).abs().max())
+        note += (f"; the model soft-caps its logits ({a.readout}): the contributions add up to the logit before the cap, "
+                 f"the capped logit is model_value_capped (the cap changes these values by up to {gap:.3g})")
+    elif a.logit_softcap is not None:
+        note += f"; the model soft-caps its logits ({a.readout}): the values are before the cap"
+    if a.logit_scale != 1.0:
+        note += f"; the logit scale {a.logit_scale:g} is folded into the unembedding"
     return LogitDecomposition(
         model_name=model.name, unit=unit, target_kind=tgt.kind, components=tuple(parts[0].components),
         values=torch.cat([p.values for p in parts], dim=1), ablated_renormed=torch.cat([p.ablated for p in parts], dim=1),
         model_values=torch.cat([p.model_values for p in parts]), positions=torch.cat(pos_all),
-        target_ids=ids, contrast_ids=con, target_names=names, note=note,
+        target_ids=ids, contrast_ids=con, target_names=names, note=note, capped_values=capped,
         str_tokens=tuple(str_tokens) if unit == "source" else (), causal=model.arch.causal,
     )

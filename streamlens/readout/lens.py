@@ -2,7 +2,8 @@
 
 At each layer's ``resid_pre``, ``resid_mid`` (sequential blocks) and ``resid_post``, the residual
 ``x`` goes through the model's own final norm, *with x's own statistics* (not the final residual's),
-and the unembedding: ``lens_logits = W_U · ln_final(x) + b_U``. For each point streamlens reports the
+and the unembedding: ``lens_logits = W_U · ln_final(x) + b_U`` (with the model's own logit scale and
+final soft-cap where it has them). For each point streamlens reports the
 top-k tokens with their probabilities, the target's rank and probability (when a target is given),
 and ``KL(P_model ‖ P_lens) = Σ_v p_model(v) (log p_model(v) − log p_lens(v))`` against the model's
 own final distribution. The vocabulary is processed ``chunk_size`` rows at a time with a running
@@ -126,10 +127,10 @@ def _lens_batch(model: Model, batch, pos_idx, target_ids, k: int, chunk_size: in
     top_i = torch.zeros((P, b, s, k), dtype=torch.long, device=xs.device)
     if target_ids is not None:
         t = target_ids.to(W.device)[:, None].expand(b, s)
-        t_logit = torch.einsum("pbsd,bsd->pbs", xs, W[t]) + bU[t]
+        t_logit = a.soft_cap(torch.einsum("pbsd,bsd->pbs", xs, W[t]) + bU[t])
         above = torch.zeros(P, b, s, dtype=torch.long, device=xs.device)
     for sl in vocab_chunks(a.d_vocab, chunk_size):
-        lg = xs @ W[sl].T + bU[sl]  # (P, b, s, chunk)
+        lg = a.soft_cap(xs @ W[sl].T + bU[sl])  # (P, b, s, chunk): the model's own readout, soft-cap included
         lse = torch.logaddexp(lse, torch.logsumexp(lg, -1))
         cross += (lg * logp_model[..., sl].exp()).sum(-1)
         both_v = torch.cat([top_v, lg], -1)

@@ -31,17 +31,17 @@ def require_linear_readout(model: Model, verb: str) -> None:
     if model.final_norm is None or not a.final_reads_last_resid:
         raise UnsupportedModelError(f"{verb}: {model.name}'s final norm does not read the last block's output directly")
     if not a.logits_are_unembed:
-        raise UnsupportedModelError(
-            f"{verb}: {model.name}'s logits are not unembed(ln_final(x)) (e.g. soft-capped logits), so they are not "
-            "linear in the final norm's output"
-        )
+        raise UnsupportedModelError(f"{verb}: {model.name}'s readout does not fit: {a.readout_problem}")
 
 
 def unembed_matrices(model: Model) -> tuple[Float[Tensor, "d_vocab d_model"], Float[Tensor, " d_vocab"]]:
-    """``(W_U, b_U)`` in float32; ``b_U`` is zeros for a bias-free unembedding."""
+    """``(W_U, b_U)`` in float32 with the model's positive logit scale folded in (``scale · (W x + b)``):
+    the map to the logits, or to the pre-cap logits of a soft-capped model. ``b_U`` is zeros for a bias-free unembedding."""
     W, bU = model.unembed_weight()
     W = W.float()
-    return W, (torch.zeros(W.shape[0], device=W.device) if bU is None else bU.float())
+    bU = torch.zeros(W.shape[0], device=W.device) if bU is None else bU.float()
+    s = model.arch.logit_scale
+    return (W, bU) if s == 1.0 else (W * s, bU * s)
 
 
 def vocab_chunks(d_vocab: int, chunk_size: int) -> list[slice]:

@@ -78,7 +78,7 @@ def head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Store) -> 
     zh = z.float().reshape(*z.shape[:-1], a.n_heads, a.d_head)  # (b, p, h, d_head)
     head = torch.einsum("bphk,hkm->bphm", zh, w_o.to(zh.device))  # (b, p, h, d_model)
     bias = b_o.to(zh.device).expand(*z.shape[:-1], a.d_model)
-    extra = a.rule.write_norm("attn")
+    extra = a.rule_of(layer).write_norm("attn")
     if extra is not None:
         # attn_write = norm(attn_raw): at the norm's scale on this input the map is affine, so it
         # distributes over the heads exactly; the norm's own bias goes with the output bias.
@@ -86,6 +86,8 @@ def head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Store) -> 
         scale = norm.scale(raw[("attn", "out")])[..., None, :]  # (b, p, 1, 1)
         head = norm.linear_part(head, scale)
         bias = norm.linear_part(bias, scale[..., 0, :]) + norm.bias_part(bias)
+    if a.write_scale != 1.0:  # scaled writes (Granite): x + r · attn(...)
+        head, bias = head * a.write_scale, bias * a.write_scale
     return store(head), store(bias)
 
 
@@ -115,7 +117,6 @@ def capture(
         The logits at the kept positions (not passed through ``store``).
     """
     arch, bridge = model.arch, model.bridge
-    rule = arch.rule
     b, p = batch.input_ids.shape
     dev = model.device
     bidx = torch.arange(b, device=dev)[:, None]
@@ -124,17 +125,23 @@ def capture(
     def pick(t: Tensor) -> Tensor:
         return hooks.select_positions_of(t, (b, p), bidx, pidx, all_positions=pidx is None)
 
-    has_ln2 = hooks.block_component(bridge, 0, "ln2") is not None
-    need = rule.points(sublayers, has_ln2) | (rule.head_points() if heads else set())
+    # Per-head writes where the token mixer is attention (hybrid models: not in their SSM/conv blocks).
+    head_layers = {l for l in layers if heads and hooks.block_point(bridge, l, "o", "in") is not None}
+    if heads and not head_layers:
+        raise StreamlensError(f"heads=True: none of layers {list(layers)} of {model.name} has attention heads with an "
+                              "output projection (attn.o) to split")
     scratch: dict[int, dict] = {}
     attach = []
     for layer in layers:
-        for comp, side in need:
+        rule = arch.rule_of(layer)  # hybrid models may mix rules block by block
+        has_ln2 = hooks.block_component(bridge, layer, "ln2") is not None
+        need = rule.points(sublayers, has_ln2)
+        for comp, side in need | (rule.head_points() if layer in head_layers else set()):
             hp = hooks.block_point(bridge, layer, comp, side)
             if hp is None:
                 raise StreamlensError(f"block {layer} has no {comp} {side} hook point, which tracing this model needs")
 
-            def fn(t, layer=layer, key=(comp, side)):
+            def fn(t, layer=layer, key=(comp, side), rule=rule, has_ln2=has_ln2):
                 raw = scratch.setdefault(layer, {})
                 raw[key] = pick(t)
                 if key == ("block", "out"):
@@ -142,7 +149,7 @@ def capture(
                     named = rule.named(raw, sublayers, has_ln2)
                     stored: dict[int, Tensor] = {}  # aliases (attn_read is resid_pre, ...) are stored once
                     named = {k: stored.setdefault(id(v), store(v)) for k, v in named.items()}
-                    if heads:
+                    if layer in head_layers:
                         named["head_out"], named["attn_bias_out"] = head_split(model, layer, raw[("o", "in")], raw, store)
                     on_layer(layer, named)
                 return None

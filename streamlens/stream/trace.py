@@ -18,7 +18,13 @@ mlp_out            mlp(ln2(resid_mid))      mlp(ln2(resid_pre)) ln2_post(mlp(...
 resid_post         resid_mid + mlp_out      pre + attn + mlp    resid_mid + mlp_out    ln2(resid_mid + mlp_out)
 =================  =======================  ==================  =====================  ==========================
 
-``head_out`` (``heads=True``) has shape ``(batch, pos, head, d_model)``: head ``h``'s write
+In the post-sub-layer-norm layout (OLMo 2) ``attn_read_normed`` is ``resid_pre`` itself and
+``attn_out = ln1_post(attn(resid_pre))``; single-writer blocks (Mamba) have only ``attn_*`` and no
+``resid_mid``. The ``attn`` names are the block's token mixer whatever it is: in a hybrid model's SSM,
+linear-attention or convolution block they can also be read as ``mixer_out``, ``linear_attn_out``,
+``conv_out`` (and ``*_read``, ``*_read_normed``), the bridge's names (``model.arch.writers`` lists them).
+
+``head_out`` (``heads=True``, attention blocks only) has shape ``(batch, pos, head, d_model)``: head ``h``'s write
 ``z_h @ W_O[h]``; ``head_out.sum(head) + attn_bias_out == attn_out`` (for Gemma 2's extra norm, at
 that norm's scale on this input). Globals: ``embed``, ``pos_embed``, ``final_in``, ``final_scale``,
 ``final_out`` and ``logits``.
@@ -110,6 +116,7 @@ class ResidualTrace(Result):
         name = ALIASES.get(name, name)
         if name in GLOBAL_NAMES:
             return name, None
+        name = self._writer_alias(name, layer)
         if name not in TRACE_NAMES:
             raise StreamlensError(f"unknown name {name!r}; layer names: {TRACE_NAMES}; globals: {GLOBAL_NAMES}")
         if layer is None:
@@ -118,6 +125,22 @@ class ResidualTrace(Result):
         if not -n <= layer < n:
             raise StreamlensError(f"layer {layer} is out of range for a {n}-layer model")
         return name, layer % n
+
+    def _writer_alias(self, name: str, layer: int | None) -> str:
+        """``mixer_out`` / ``linear_attn_read_normed`` / ``conv_out``: the token-mixer slot (``attn_*``) of a
+        block whose token mixer the bridge calls that (SSM, linear-attention and convolution blocks)."""
+        kind = next((k for k in ("linear_attn", "mixer", "conv") if name.startswith(k + "_")), None)
+        if kind is None or f"attn_{name[len(kind) + 1:]}" not in LAYER_NAMES or layer is None:
+            return name
+        n = self.arch.n_layers
+        slot = f"attn_{name[len(kind) + 1:]}"
+        if not -n <= layer < n or not self.arch.writers:
+            return slot
+        actual = self.arch.writers[layer % n][0]
+        if actual != kind:
+            raise StreamlensError(f"layer {layer % n}'s token mixer is {actual!r}, not {kind!r}: read it as "
+                                  f"trace[{slot!r}, {layer % n}]")
+        return slot
 
     def __getitem__(self, key) -> Tensor:
         name, layer = (key, None) if isinstance(key, str) else key
@@ -161,8 +184,8 @@ class ResidualTrace(Result):
             r = (predicted - recorded).norm(dim=-1) / recorded.norm(dim=-1).clamp_min(1e-12)
             return r[m].max() if m.any() else torch.zeros(())
 
-        rule = self.arch.rule
         for l in self.layers:
+            rule = self.arch.rule_of(l)
             named = {k: v for (k, layer), v in self.acts.items() if layer == l}
             errs = [dev(predicted, recorded) for _, recorded, predicted in
                     rule.equations(named, lambda comp, l=l: self.norms[(l, comp)])]

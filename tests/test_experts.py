@@ -1,0 +1,78 @@
+"""Mixture of experts, one expert at a time: exact per-expert contributions and exact expert removal."""
+
+import pytest
+import torch
+
+import streamlens as sl
+from streamlens.coverage import _hand_drop_expert, _kl
+from streamlens.model.experts import experts_module, moe_layers, n_experts
+from streamlens.testing import build_bridged
+
+PROMPTS = ["The cat sat on the mat because it was", "def f(x): return x + 1"]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            folder, _ = build_bridged(arch, tmp_path_factory.mktemp(arch) / arch)
+            cache[arch] = (folder, sl.load(str(folder)))
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"])
+def test_experts_add_up_to_the_moe_write(moe, arch):
+    _, m = moe(arch)
+    by_expert = sl.decompose(m, PROMPTS, "top:3", unit="expert", progress=False)
+    by_layer = sl.decompose(m, PROMPTS, "top:3", unit="layer", progress=False)
+    assert by_expert.check() <= 1e-5
+    for l in moe_layers(m):
+        parts = [i for i, c in enumerate(by_expert.components) if c.layer == l and c.kind in ("expert", "mlp")]
+        assert len(parts) == n_experts(m, l) + 1  # every expert, plus mlp_rest
+        whole = by_layer.values[by_layer.labels.index(f"mlp.{l}")]
+        torch.testing.assert_close(by_expert.values[parts].sum(0), whole, rtol=1e-5, atol=1e-6)
+        rest = by_expert.values[by_expert.labels.index(f"mlp_rest.{l}")]
+        if arch == "Qwen2MoeForCausalLM":  # the shared expert is what the routed experts leave
+            assert float(rest.abs().max()) > 1e-4
+        else:  # no shared expert: the routed experts are the whole write
+            assert float(rest.abs().max()) <= 1e-6 * float(whole.abs().max())
+    df = by_expert.to_dataframe()
+    assert set(df.loc[df.kind == "expert", "expert"].dropna().astype(int)) == set(range(n_experts(m, moe_layers(m)[0])))
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+def test_removing_an_expert_equals_zeroing_its_routing_weight_by_hand(moe, arch):
+    folder, m = moe(arch)
+    ids = torch.randint(1, 500, (3, 12), generator=torch.Generator().manual_seed(2))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, progress=False, n_boot=20)
+    layer = moe_layers(m)[-1]
+    for expert in range(n_experts(m, layer)):
+        clean, abl = _hand_drop_expert(folder, arch, ids, layer, expert, type(experts_module(m, layer)))
+        kl = _kl(clean, abl)
+        for path in ("prefix", "naive"):
+            got = ev.evaluate(f"expert.{layer}.{expert}", metrics=("kl", "top1"), path=path)
+            assert abs(got["kl"] - kl) <= 1e-5 * (1 + kl)
+            assert abs(got["top1"] - float((clean.argmax(-1) == abl.argmax(-1)).float().mean())) <= 1e-6
+    assert kl > 1e-6  # the removal changed something
+    both = ev.evaluate([f"expert.{layer}.0", f"expert.{layer}.1"], metrics=("kl",))["kl"]
+    assert both > 0
+    sweep = ev.sweep("expert")
+    assert list(sweep.table["unit"]) == [f"expert.{l}.{e}" for l in moe_layers(m) for e in range(n_experts(m, l))]
+
+
+def test_expert_errors(moe, tiny_models):
+    _, m = moe("MixtralForCausalLM")
+    ev = sl.LayerSkipEvaluator(m, PROMPTS, progress=False, n_boot=10)
+    with pytest.raises(sl.StreamlensError, match=r"expert 9 does not exist: block 1 has 4 routed experts \(0..3\)"):
+        ev.evaluate("expert.1.9")
+    with pytest.raises(sl.StreamlensError, match="mode 'skip' only, not 'mean'"):
+        ev.evaluate("expert.1.0", "mean")
+    llama = tiny_models("llama")
+    with pytest.raises(sl.StreamlensError, match="has no mixture-of-experts blocks"):
+        sl.decompose(llama, PROMPTS, "top:1", unit="expert", progress=False)
+    with pytest.raises(sl.StreamlensError, match="block 0 has no mixture of experts"):
+        sl.LayerSkipEvaluator(llama, PROMPTS, progress=False, n_boot=10).evaluate("expert.0.0")
