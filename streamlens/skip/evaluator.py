@@ -15,10 +15,17 @@ Each is the mean over the selected non-padding positions, with a 95% percentile-
 over documents. The clean pass also gives each block's Block Influence ``1 - cos(resid_pre,
 resid_post)`` (ShortGPT), and a block sweep reports its Spearman correlation with the damage.
 
+Memory (streaming): the evaluator keeps only the token ids. A sweep runs batch by batch: the clean
+pass of one batch, every unit removed on it, the per-document sums added, the batch dropped
+(:mod:`streamlens.skip.streaming`), so peak memory depends on the batch, not on the number of
+documents. ``mode="mean"`` first makes one extra streaming pass for the mean writes.
+
 Speed (prefix reuse): removing a unit at layer ``l`` cannot change blocks ``0..l-1``. The clean pass
 caches every block's input ``resid_pre[l]`` and the keyword arguments the bridge passed to each block
 (attention mask, rotary position embeddings, ...); a removal then runs only blocks ``l..L-1``, the
-final norm and the unembedding, and skipped blocks are not run at all. This is checked against the
+final norm and the unembedding, and skipped blocks are not run at all. Several removals share one
+forward pass, stacked along the batch (:mod:`streamlens.skip.batched`; ``variants_per_pass`` /
+``memory_budget``). Workers: see :mod:`streamlens.skip.distributed`. This is checked against the
 model's own forward on the first batch; where it does not reproduce it (a logit soft-cap, an LM head
 beyond the unembedding) the evaluator falls back to one full forward per unit (``strategy="naive"``)
 and says why (``evaluator.strategy_reason``).
@@ -31,10 +38,11 @@ and says why (``evaluator.strategy_reason``).
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -42,35 +50,21 @@ from torch import Tensor
 
 from streamlens.errors import StreamlensError
 from streamlens.intervene.means import mean_writes
-from streamlens.intervene.removal import intervention_hooks
 from streamlens.intervene.units import KINDS, Unit, all_units, check_mode, combine, parse_unit
-from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
-from streamlens.skip.metrics import (HIGHER_IS_WORSE, METRICS, block_influence, metric_names, ratio_bootstrap,
-                                     resample_indices, row_metrics, spearman)
-from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows
-from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask, recorded
+from streamlens.skip import distributed
+from streamlens.skip.batched import DEFAULT_BUDGET, parse_bytes, stacked_tail, variants_per_pass
+from streamlens.skip.docsums import DocSums, read_file
+from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics
+from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, targets
+from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, unit_columns
+from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask
 
-
-@dataclass(eq=False)
-class CleanBatch:
-    """What one batch's clean pass leaves behind for the removals."""
-
-    batch: Batch
-    sel: Tensor  # (b, p) bool: positions the metrics average over
-    doc: Tensor  # (n,) document index of each selected row
-    has_target: Tensor  # (n,) bool: the row has a next token
-    target: Tensor  # (n,) next token id (0 where none)
-    logp: Tensor  # (n, vocab) clean log-probabilities
-    top1: Tensor  # (n,) clean argmax
-    top: Tensor  # (n, k) clean top-k ids
-    final: Tensor  # (n, d) clean final residual
-    resid: list[Tensor] | None = None  # L+1 tensors (b, p, d): each block's input, then the final residual
-    calls: list[tuple] | None = None  # per block: (args after the hidden state, kwargs)
+__all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
 
 
 class LayerSkipEvaluator:
-    """Measure removals of units against one shared clean pass over ``data``.
+    """Measure removals of units against the clean model over ``data``, streamed batch by batch.
 
     Args:
         model: a :class:`~streamlens.Model` (or anything :func:`streamlens.load` takes).
@@ -87,15 +81,16 @@ class LayerSkipEvaluator:
         mean_over: ``"position"`` (mean write per position, the default) or ``"all"`` for ``mode="mean"``.
         strategy: how removals are executed: ``"auto"`` (prefix reuse where it reproduces the model),
             ``"prefix"`` or ``"naive"`` (one full forward per unit). ``path=`` is its former name.
+        variants_per_pass: removals stacked into one forward pass (prefix strategy); default: as many
+            as ``memory_budget`` allows.
+        memory_budget: bytes (or ``"2GB"``) the stacked variants of one pass may use (default 1 GiB).
         field: the text field of a JSONL file.
-        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
-            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
     """
 
     def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
                  topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
                  strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None,
-                 prepend_bos: bool | None = None):
+                 variants_per_pass: int | None = None, memory_budget=DEFAULT_BUDGET):
         self.model: Model = as_model(model)
         strategy = _renamed(path, strategy)
         if strategy not in STRATEGIES:
@@ -103,152 +98,151 @@ class LayerSkipEvaluator:
         if mean_over not in ("position", "all"):
             raise StreamlensError(f"mean_over must be 'position' or 'all', got {mean_over!r}")
         check_batch_size(batch_size)
+        parse_bytes(memory_budget)
         docs = _documents(data, field)
         if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.shape[0] != len(docs):
             raise StreamlensError(f"positions mask has {positions.shape[0]} rows for {len(docs)} documents")
         self.n_docs = len(docs)
         self.topk, self.mean_over, self.progress = topk, mean_over, progress
+        self.variants_per_pass, self.memory_budget = variants_per_pass, memory_budget
         self.boot = resample_indices(self.n_docs, n_boot, seed)
         self._means: dict | None = None
+        self._bi: Tensor | None = None
         self.strategy, self.strategy_reason = (("naive", "strategy='naive' was asked for") if strategy == "naive"
                                                else ("prefix", ""))
-        self.batches: list[tuple[int, CleanBatch]] = []
-        lo = 0
-        self._bi = torch.zeros(self.model.arch.n_layers, self.n_docs, dtype=torch.float64)
+        # Only token ids are kept: (lo, batch, selected positions) per batch.
+        self._data: list[tuple[int, Batch, Tensor]] = []
         self._count = torch.zeros(self.n_docs, 2, dtype=torch.float64)
+        digest = hashlib.sha256()
         for lo, chunk in batches(docs, batch_size):
-            batch = encode(self.model, chunk, max_tokens=max_tokens, prepend_bos=prepend_bos)
+            enc = encode(self.model, chunk, max_tokens=max_tokens)
+            batch = Batch(enc.input_ids, enc.mask, ())
             mine = positions[lo: lo + len(chunk)] if isinstance(positions, Tensor) else positions
-            self.batches.append((lo, self._clean(batch, position_mask(batch, mine), lo)))
+            sel = position_mask(batch, mine)
+            self._data.append((lo, batch, sel))
+            b_idx, _, has_target, _ = targets(self.model, batch, sel)
+            self._count[:, 0].index_add_(0, b_idx + lo, torch.ones(len(b_idx), dtype=torch.float64))
+            self._count[:, 1].index_add_(0, b_idx + lo, has_target.double())
+            for row, n in zip(batch.input_ids, batch.lengths):
+                digest.update(row[: int(n)].numpy().astype("<i8").tobytes() + b"|")
         if self._count[:, 0].sum() == 0:
             raise StreamlensError(f"no positions to measure: the {self.n_docs} documents have no selected non-padding positions")
+        self._settings = {"data": digest.hexdigest()[:16], "n_docs": self.n_docs, "max_tokens": max_tokens,
+                          "batch_size": batch_size, "positions": _describe_positions(positions), "topk": topk,
+                          "n_boot": n_boot, "seed": seed, "mean_over": mean_over}
         if strategy != "naive":
-            reason = self._check_prefix()
+            lo, batch, sel = self._data[0]
+            reason = check_prefix(self.model, clean_pass(self.model, batch, sel, lo, topk))
             if reason:
                 if strategy == "prefix":
                     raise StreamlensError(f"prefix reuse does not reproduce this model: {reason}")
                 self.strategy, self.strategy_reason = "naive", reason
-                for _, c in self.batches:
-                    c.resid = c.calls = None
 
-    # ----------------------------------------------------------------------- clean pass
-    def _clean(self, batch: Batch, sel: Tensor, lo: int) -> CleanBatch:
-        m, L = self.model, self.model.arch.n_layers
-        dev = m.device
-        resid: list[Tensor | None] = [None] * (L + 1)
-        calls: list[tuple | None] = [None] * L
-        handles = []
+    # ----------------------------------------------------------------------- the streaming pass
+    def fingerprint(self, units: Sequence[Unit], mode: str, names: Sequence[str], strategy: str | None = None) -> dict:
+        """Everything that changes a number of a sweep: model, data, settings, mode, metrics, units."""
+        m = self.model
+        return {"model": m.name, "weights": _weights_checksum(m), "dtype": str(m.dtype).removeprefix("torch."),
+                "device": m.device.type, "start_token": _start_token(m), **self._settings,
+                "mean_over": self.mean_over if mode == "mean" else None, "strategy": strategy or self.strategy,
+                "mode": mode, "metrics": list(names), "units": [u.label for u in units]}
 
-        def pre(j):
-            def f(module, args, kwargs):
-                x = args[0] if args else kwargs.get("hidden_states")
-                resid[j] = x.detach()
-                calls[j] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"} if args
-                            else None)
-            return f
+    def _stream(self, units: Sequence[Unit], mode: str, names: Sequence[str], *, strategy: str | None = None,
+                want_bi: bool = False, store: DocSums | None = None, done=None, shard=None, desc: str = "batches"):
+        """Per-document sums ``{label: {metric: (docs,)}}`` of every unit (and the Block Influence sums
+        ``(L, docs)`` when ``want_bi``), one batch at a time; ``done`` holds finished (batch, unit) sums."""
+        from tqdm.auto import tqdm
 
-        try:
-            for j in range(L):
-                handles.append(m.bridge.blocks[j].register_forward_pre_hook(pre(j), with_kwargs=True))
-            last = hooks.block_point(m.bridge, L - 1, "block", "out")
-            with torch.no_grad(), hooks.attached([(last, lambda t: resid.__setitem__(L, t.detach()))]):
-                logits = m.run(batch.input_ids, batch.mask)
-        finally:
-            for h in handles:
-                h.remove()
-        sel = sel.to(dev)
-        b_idx, p_idx = sel.nonzero(as_tuple=True)
-        lengths = batch.lengths.to(dev)
-        causal = m.arch.causal
-        has_target = (p_idx + 1 < lengths[b_idx]) if causal else torch.ones_like(p_idx, dtype=torch.bool)
-        ids = batch.input_ids.to(dev)
-        tpos = (p_idx + 1).clamp_max(ids.shape[1] - 1) if causal else p_idx
-        target = torch.where(has_target, ids[b_idx, tpos], torch.zeros_like(p_idx))
-        doc = b_idx + lo
-        lg = logits[sel].float()
-        k = min(self.topk, lg.shape[-1])
-        self._count[:, 0].index_add_(0, doc.cpu(), torch.ones(len(doc), dtype=torch.float64))
-        self._count[:, 1].index_add_(0, doc.cpu(), has_target.cpu().double())
-        for j in range(L):
-            nxt = resid[j + 1]
-            bi = block_influence(resid[j][sel], nxt[sel])
-            self._bi[j].index_add_(0, doc.cpu(), bi.cpu().double())
-        ok = all(r is not None for r in resid) and all(c is not None and c[1] is not None for c in calls)
-        return CleanBatch(batch, sel, doc, has_target, target, torch.log_softmax(lg, -1), lg.argmax(-1), lg.topk(k, -1).indices,
-                      resid[L][sel].float(), resid if ok else None, calls if ok else None)
-
-    def _check_prefix(self) -> str:
-        c = self.batches[0][1]
-        if c.resid is None:
-            return "the bridge's blocks were not called with the residual stream as their first argument"
-        if getattr(self.model.bridge, "ln_final", None) is None or getattr(self.model.bridge, "unembed", None) is None:
-            return "the model has no ln_final/unembed components to finish the forward pass from the last block"
+        self.model.require_eval()
+        strategy = strategy or self.strategy
+        if strategy == "prefix" and self.strategy != "prefix":
+            raise StreamlensError(f"prefix reuse is not available for this model: {self.strategy_reason}")
+        shard = shard or distributed.current()
+        if mode == "mean" and self._means is None:  # one extra streaming pass, over every document
+            self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
         L = self.model.arch.n_layers
-        for start in sorted({0, L // 2, L}):
-            with torch.no_grad():
-                lg = self._tail(c, combine([]), "skip", start)[0]
-            want = c.logp.exp()
-            got = torch.softmax(lg, -1)
-            err = float((got - want).abs().max())
-            if not err <= 1e-4:
-                return (f"replaying blocks {start}..{L - 1} + final norm + unembedding from the cached resid_pre[{start}] "
-                        f"gave next-token probabilities {err:.1e} away from the model's own forward (a logit soft-cap or "
-                        "an LM head beyond the unembedding?); using one full forward per unit")
-        return ""
-
-    # ----------------------------------------------------------------------- one removal
-    def _tail(self, c: CleanBatch, unit: Unit, mode: str, start: int | None = None) -> tuple[Tensor, Tensor]:
-        """Logits ``(n, vocab)`` and final residual ``(n, d)`` at the selected rows, from cached ``resid_pre``."""
-        m, L = self.model, self.model.arch.n_layers
-        start = unit.first_layer if start is None and unit.atoms else (L if start is None else start)
-        skipped = {a.layer for a in unit.atoms if a.kind == "block"} if mode == "skip" else set()
-        p = c.batch.input_ids.shape[1]
-        x = c.resid[start]
-        with hooks.attached(intervention_hooks(m, unit, mode, self._means, p, skip_blocks=False)):
-            for j in range(start, L):
-                if j in skipped:
+        sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
+        bi = torch.zeros(L, self.n_docs, dtype=torch.float64) if want_bi else None
+        done_units = {} if done is None else done.units
+        done_batches = {} if done is None else done.batches
+        mine = [(i, d) for i, d in enumerate(self._data) if shard.mine(i)]
+        bar = tqdm(mine, desc=desc, unit="batch", disable=not self.progress)
+        for _, (lo, batch, sel) in bar:
+            nb = len(batch)
+            todo = []
+            for u in units:
+                got = done_units.get((lo, u.label))
+                if got is None:
+                    todo.append(u)
                     continue
-                args, kwargs = c.calls[j]
-                out = m.bridge.blocks[j](x, *args, **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
-            xs = x[c.sel]
-            logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs)))
-        return logits.float(), xs.float()
+                for k in names:
+                    if k not in got or len(got[k]) != nb:
+                        raise StreamlensError(f"{store.path if store else 'document sums'}: unit {u.label!r} on "
+                                              f"documents from {lo} lacks metric {k!r} for {nb} documents")
+                    sums[u.label][k][lo:lo + nb] = got[k]
+            need_bi = want_bi and lo not in done_batches
+            if want_bi and not need_bi:
+                bi[:, lo:lo + nb] = done_batches[lo][1]
+            if not todo and not need_bi:
+                continue
+            with torch.no_grad():
+                c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=strategy == "prefix" and bool(todo))
+                if bi is not None:
+                    for j in range(L):
+                        bi[j].index_add_(0, c.doc.cpu(), c.bi[j])
+                if store is not None and lo not in done_batches:
+                    store.write_batch(lo, self._count[lo:lo + nb].T, torch.zeros(L, nb, dtype=torch.float64).index_add_(
+                        1, c.doc.cpu() - lo, c.bi))
+                for u, vals in self._measure(c, todo, mode, names, strategy):
+                    part = {}
+                    for k, v in vals.items():
+                        d = (c.doc.cpu() - lo)[c.has_target.cpu()] if k == "delta_ce" else c.doc.cpu() - lo
+                        part[k] = torch.zeros(nb, dtype=torch.float64).index_add_(0, d, v.cpu().double())
+                        sums[u.label][k][lo:lo + nb] = part[k]
+                    if store is not None:
+                        store.write_unit(lo, u.label, part)
+            del c
+        if shard.collective:  # every document is measured on exactly one rank: the sum over ranks is exact
+            flat = torch.cat([sums[u.label][k] for u in units for k in names] + ([bi.flatten()] if bi is not None else []))
+            flat = distributed.all_sum(flat, shard, self.model.device)
+            parts = iter(flat.split(self.n_docs))
+            for u in units:
+                for k in names:
+                    sums[u.label][k] = next(parts)
+            if bi is not None:
+                bi = torch.stack([next(parts) for _ in range(L)])
+        return sums, bi
 
-    def _full(self, c: CleanBatch, unit: Unit, mode: str) -> tuple[Tensor, Tensor]:
-        """The same from one full forward with the removal hooked in (the naive path)."""
-        m, L = self.model, self.model.arch.n_layers
-        got: dict[str, Tensor] = {}
-        p = c.batch.input_ids.shape[1]
-        hks = intervention_hooks(m, unit, mode, self._means, p, skip_blocks=True)
-        hks.append((hooks.block_point(m.bridge, L - 1, "block", "out"), lambda t: got.__setitem__("x", t)))
-        with hooks.attached(hks):
-            logits = m.run(c.batch.input_ids, c.batch.mask)
-        return logits[c.sel].float(), got["x"][c.sel].float()
+    def _measure(self, c: CleanBatch, units: Sequence[Unit], mode: str, names, strategy: str):
+        """``(unit, {metric: per-row values})`` for each unit, removed on the clean batch ``c``."""
+        if strategy != "prefix":
+            for u in units:
+                yield u, row_metrics(c, *full(self.model, c, u, mode, self._means), names)
+            return
+        b, p = c.batch.input_ids.shape
+        g = variants_per_pass(self.model, b, p, len(c.doc), self.memory_budget, self.variants_per_pass)
+        if g == 1:
+            for u in units:
+                yield u, row_metrics(c, *tail(self.model, c, u, mode, self._means), names)
+            return
+        for i in range(0, len(units), g):
+            group = list(units[i:i + g])
+            for u, (lg, fin) in zip(group, stacked_tail(self.model, c, group, mode, self._means)):
+                yield u, row_metrics(c, lg, fin, names)
 
+    def _units(self, unit) -> Unit:
+        unit = unit if isinstance(unit, Unit) else combine([parse_unit(self.model, u) for u in
+                                                            (unit if isinstance(unit, list) else [unit])])
+        return unit
+
+    # ----------------------------------------------------------------------- measuring
     def doc_sums(self, unit, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                  strategy: str | None = None, *, path: str | None = None) -> dict[str, Tensor]:
         """Per-document sums ``(docs,)`` of each metric for ``unit`` removed (see :meth:`evaluate`)."""
-        self.model.require_eval()
-        unit = unit if isinstance(unit, Unit) else combine([parse_unit(self.model, u) for u in
-                                                            (unit if isinstance(unit, list) else [unit])])
+        unit = self._units(unit)
         check_mode(mode, unit)
         names = metric_names(metrics)
-        if mode == "mean" and self._means is None:
-            self._means = mean_writes(self.model, [c.batch for _, c in self.batches], self.mean_over)
-        strategy = _renamed(path, strategy) or self.strategy
-        if strategy == "prefix" and self.strategy != "prefix":
-            raise StreamlensError(f"prefix reuse is not available for this model: {self.strategy_reason}")
-        sums = {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names}
-        with torch.no_grad():
-            for _, c in self.batches:
-                lg, fin = self._tail(c, unit, mode) if strategy == "prefix" else self._full(c, unit, mode)
-                vals = row_metrics(c, lg, fin, names)
-                doc = c.doc.cpu()
-                for k, v in vals.items():
-                    d = doc[c.has_target.cpu()] if k == "delta_ce" else doc
-                    sums[k].index_add_(0, d, v.cpu().double())
-        return sums
+        return self._stream([unit], mode, names, strategy=_renamed(path, strategy))[0][unit.label]
 
     def evaluate(self, unit, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                  strategy: str | None = None, *, path: str | None = None) -> dict[str, float]:
@@ -257,16 +251,28 @@ class LayerSkipEvaluator:
         ``unit``: a label (``"block.3"``, ``"head.1.2"``, ``"span.2:5"``), a tuple, or a list of them removed
         together; ``[]`` removes nothing (every metric then equals its clean value: ``kl = 0``, ``top1 = 1``).
         """
-        sums = self.doc_sums(unit, mode, metrics, _renamed(path, strategy))
-        row: dict[str, Any] = {}
-        for k, s in sums.items():
-            cnt = self._count[:, 1 if k == "delta_ce" else 0]
-            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = ratio_bootstrap(s, cnt, self.boot)
-        row["n_positions"] = int(self._count[:, 0].sum())
-        return row
+        return self.evaluate_many([self._units(unit)], mode, metrics, _renamed(path, strategy))[0]
+
+    def evaluate_many(self, units: Sequence, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+                      strategy: str | None = None) -> list[dict[str, float]]:
+        """:meth:`evaluate` for several units (each removed on its own) in one streaming pass over the data."""
+        units = [self._units(u) for u in units]
+        for u in units:
+            check_mode(mode, u)
+        names = metric_names(metrics)
+        sums, _ = self._stream(units, mode, names, strategy=strategy)
+        return [self.row(sums[u.label]) for u in units]
+
+    def row(self, sums: dict[str, Tensor]) -> dict[str, Any]:
+        """Estimates and bootstrap bounds from per-document sums (see :func:`streamlens.skip.sweeps.metric_row`)."""
+        from streamlens.skip.sweeps import metric_row
+
+        return metric_row(sums, self._count, self.boot)
 
     def block_influence(self) -> list[float]:
         """Each block's mean ``1 - cos(resid_pre, resid_post)`` over the selected positions (clean pass)."""
+        if self._bi is None:
+            self._bi = self._stream([], "skip", ["kl"], want_bi=True, desc="clean pass")[1]
         total = self._count[:, 0].sum()
         return [float(self._bi[j].sum() / total) for j in range(self.model.arch.n_layers)]
 
@@ -281,45 +287,87 @@ class LayerSkipEvaluator:
         return self.strategy_reason
 
     # ----------------------------------------------------------------------- sweeps
+    def _sweep_units(self, unit, width) -> tuple[list[Unit], str]:
+        if isinstance(unit, str) and unit in KINDS:
+            if unit == "span":
+                if width is None:
+                    raise StreamlensError("unit='span' needs width=k (or a list of widths)")
+                widths = [width] if isinstance(width, int) else list(width)
+                return [u for w in widths for u in all_units(self.model, "span", w)], unit
+            return all_units(self.model, unit), unit
+        specs = unit if isinstance(unit, list) else [unit]
+        return [combine([parse_unit(self.model, u) for u in specs])], "set"
+
     def sweep(self, unit="block", *, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
               width: int | Sequence[int] | None = None, out: str | Path | None = None, resume: bool = False,
               callback: Callable[[dict], None] | None = None) -> SkipSweep:
         """Every single unit of a kind (``"block"``, ``"attn"``, ``"mlp"``, ``"head"``), every span of
         ``width`` (an int or several) blocks, or one explicit set (a list of units removed together).
 
-        ``out``: a ``.jsonl`` or ``.csv`` file each finished row is appended to; ``resume=True`` reads it
-        and computes only the missing units. ``callback(row)`` is called after each new row.
+        ``out``: a ``.jsonl`` or ``.csv`` file the finished rows are written to; beside it,
+        ``<out>.docsums-<rank>of<n>.jsonl`` keeps every finished (batch, unit) pair, so ``resume=True``
+        continues an interrupted sweep from where it stopped (a resume with other settings is refused).
+        ``callback(row)`` is called after each new row. Under ``torchrun`` the ranks share the batches
+        and every rank returns the same table (rank 0 writes ``out``).
         """
         names = metric_names(metrics)
-        if isinstance(unit, str) and unit in KINDS:
-            if unit == "span":
-                if width is None:
-                    raise StreamlensError("unit='span' needs width=k (or a list of widths)")
-                widths = [width] if isinstance(width, int) else list(width)
-                units = [u for w in widths for u in all_units(self.model, "span", w)]
-            else:
-                units = all_units(self.model, unit)
-            kind = unit
-        else:
-            specs = unit if isinstance(unit, list) else [unit]
-            units = [combine([parse_unit(self.model, u) for u in specs])]
-            kind = "set"
+        units, kind = self._sweep_units(unit, width)
         for u in units:
             check_mode(mode, u)
-        rows = run_rows(self, units, mode, names, out=out, resume=resume, callback=callback, desc=f"skip {kind}")
-        table = pd.DataFrame(rows)
-        rho = {}
-        if kind == "block":
-            table.insert(len(table.columns) - 1, "block_influence", self.block_influence())
-            rho = {k: spearman(table["block_influence"], table[k]) for k in names}
-        table = table.dropna(axis=1, how="all")
-        return SkipSweep(kind, mode, tuple(names), table, self.model.name, self.n_docs, self.strategy,
-                         self.strategy_reason, rho)
+        shard = distributed.current()
+        fp = self.fingerprint(units, mode, names)
+        header = {"fingerprint": fp, "kind": kind, "mode": mode, "metrics": names, "model_name": self.model.name,
+                  "strategy": self.strategy, "strategy_reason": self.strategy_reason,
+                  "units": [unit_columns(u) for u in units]}
+
+        def compute(todo: list[Unit], path: Path | None):
+            store, done = None, None
+            if path is not None:
+                done = _load_done(path, header, resume)
+                store = DocSums(Path(f"{path}.docsums-{shard.tag}.jsonl"), header)
+            sums, bi = self._stream(todo, mode, names, want_bi=kind == "block", store=store, done=done,
+                                    shard=shard, desc=f"skip {kind}")
+            if bi is not None:
+                self._bi = bi
+            return sums
+
+        rows = run_rows(self, units, mode, names, compute, out=out, resume=resume, callback=callback,
+                        write=distributed.is_writer(shard))
+        bi = self.block_influence() if kind == "block" else None
+        return sweep_table(kind, mode, names, rows, bi, self.model.name, self.n_docs, self.strategy,
+                           self.strategy_reason)
+
+    def sweep_shard(self, unit="block", *, shard, out, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
+                    width=None, resume: bool = True) -> Path:
+        """Job ``i`` of ``n`` (``shard=(i, n)`` or ``"i/n"``) of a sweep: measure batches ``i, i+n, ...`` and
+        write their per-document sums to ``out`` (``.jsonl``); :func:`streamlens.skip.merge.merge_shards` joins
+        the ``n`` files into the table a single process makes. Re-running a job continues its file."""
+        names = metric_names(metrics)
+        units, kind = self._sweep_units(unit, width)
+        for u in units:
+            check_mode(mode, u)
+        sh = distributed.current(shard)
+        path = Path(out)
+        if path.suffix.lower() != ".jsonl":
+            raise StreamlensError(f"out={str(out)!r}: a shard writes document sums, to a .jsonl file")
+        if path.exists() and path.stat().st_size > 0 and not resume:
+            raise StreamlensError(f"out file {str(path)!r} already exists: pass resume=True to continue it, or remove it")
+        header = {"fingerprint": self.fingerprint(units, mode, names), "kind": kind, "mode": mode, "metrics": names,
+                  "model_name": self.model.name, "strategy": self.strategy, "strategy_reason": self.strategy_reason,
+                  "units": [unit_columns(u) for u in units], "shard": [sh.index, sh.count],
+                  "n_batches": len(self._data), "batch_starts": [lo for lo, _, _ in self._data],
+                  "count": self._count.T.tolist(), "boot": {"n_boot": self.boot.shape[0], "seed": self._settings["seed"]}}
+        store = DocSums(path, header)
+        done = read_file(path)
+        self._stream(units, mode, names, want_bi=kind == "block", store=store, done=done, shard=sh,
+                     desc=f"shard {sh.index}/{sh.count}")
+        return path
 
     def prune(self, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
               metrics: Sequence[str] = ("kl", "ce", "top1")) -> SkipSweep:
         """Greedy pruning curve: ``count`` times, remove the unit whose removal (with those already removed)
-        hurts least by ``by``; one row per step (step 0 removes nothing)."""
+        hurts least by ``by``; one row per step (step 0 removes nothing). Each step is one streaming pass
+        measuring every candidate."""
         names = metric_names(metrics)
         by = METRICS.get(by, by)
         if by not in names:
@@ -334,7 +382,6 @@ class LayerSkipEvaluator:
                          self.strategy_reason)
 
 
-@recorded
 def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                width=None, out=None, resume: bool = False, callback=None, prune: int | None = None,
                **evaluator_kwargs) -> SkipSweep:
@@ -350,7 +397,6 @@ def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequen
     return ev.sweep(unit, mode=mode, metrics=metrics, width=width, out=out, resume=resume, callback=callback)
 
 
-@recorded
 def prune_sweep(model, data, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
                 metrics: Sequence[str] = ("kl", "ce", "top1"), **evaluator_kwargs) -> SkipSweep:
     """Greedy pruning curve (:meth:`LayerSkipEvaluator.prune`): ``count`` steps, each removing the unit that
@@ -379,3 +425,42 @@ def _documents(data, field: str):
     if isinstance(data, list) and data and all(isinstance(d, (list, tuple)) for d in data):
         return [list(d) for d in data]
     return load_texts(data, field=field)
+
+
+def _describe_positions(positions) -> Any:
+    if isinstance(positions, Tensor):
+        return "mask sha256:" + hashlib.sha256(positions.bool().cpu().numpy().tobytes()).hexdigest()[:16]
+    return repr(positions) if positions is not None else None
+
+
+def _weights_checksum(model) -> str:
+    """A cheap identity of the weights: the first 4096 values of every parameter, summed in float64."""
+    h = hashlib.sha256()
+    for name, p in model.hf.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{float(p.detach().flatten()[:4096].double().sum().cpu())!r};".encode())
+    return h.hexdigest()[:16]
+
+
+def _start_token(model) -> Any:
+    tok = model.tokenizer
+    return None if tok is None else getattr(tok, "add_bos_token", None)
+
+
+def _load_done(path: Path, header: dict, resume: bool):
+    """The finished (batch, unit) sums of every ``<path>.docsums-*.jsonl`` (all ranks' files), checked."""
+    from streamlens.skip.docsums import Contents, check_fingerprint
+
+    files = sorted(path.parent.glob(path.name + ".docsums-*.jsonl"))
+    if files and not resume:
+        raise StreamlensError(f"{str(files[0])!r} holds document sums of an earlier run: pass resume=True to "
+                              "continue it, or remove it")
+    done = Contents(header)
+    for f in files:
+        got = read_file(f)
+        check_fingerprint(f, got.header, header)
+        for key, v in got.units.items():
+            if key in done.units:
+                raise StreamlensError(f"{f.name}: unit {key[1]!r} on documents from {key[0]} is also in another file")
+            done.units[key] = v
+        done.batches.update(got.batches)
+    return done

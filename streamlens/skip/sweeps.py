@@ -18,6 +18,7 @@ import pandas as pd
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Unit, combine
 from streamlens.present.results import Result, fmt
+from streamlens.skip.metrics import ratio_bootstrap, spearman
 from streamlens.skip.rowstore import check_out, read_rows, write_row
 
 
@@ -71,11 +72,38 @@ def unit_columns(u: Unit) -> dict:
     return {"unit": u.label, **{k: getattr(u, k) for k in ("layer", "head", "start", "width")}}
 
 
-def run_rows(ev, units: list[Unit], mode: str, names: list[str], *, out=None, resume: bool = False,
-             callback=None, desc: str = "skip") -> list[dict]:
-    """One row per unit, in ``units`` order, reusing finished rows from ``out`` when resuming."""
-    from tqdm.auto import tqdm
+def metric_row(sums: dict, count, boot) -> dict:
+    """Each metric's estimate and bootstrap bounds from per-document ``sums`` and ``count`` ``(docs, 2)``
+    (selected positions, positions with a next token), resampling documents with ``boot``."""
+    row: dict[str, Any] = {}
+    for k, s in sums.items():
+        cnt = count[:, 1 if k == "delta_ce" else 0]
+        row[k], row[f"{k}_lo"], row[f"{k}_hi"] = ratio_bootstrap(s, cnt, boot)
+    row["n_positions"] = int(count[:, 0].sum())
+    return row
 
+
+def row_columns(names: list[str]) -> list[str]:
+    columns = ["unit", "layer", "head", "start", "width", "mode"]
+    return columns + [c for k in names for c in (k, f"{k}_lo", f"{k}_hi")] + ["n_positions"]
+
+
+def sweep_table(kind: str, mode: str, names, rows: list[dict], bi, model_name: str, n_docs: int, strategy: str,
+                reason: str) -> SkipSweep:
+    """The :class:`SkipSweep` of ``rows``; a block sweep adds Block Influence ``bi`` and its Spearman correlations."""
+    table = pd.DataFrame(rows)
+    rho = {}
+    if kind == "block":
+        table.insert(len(table.columns) - 1, "block_influence", bi)
+        rho = {k: spearman(table["block_influence"], table[k]) for k in names}
+    table = table.dropna(axis=1, how="all")
+    return SkipSweep(kind, mode, tuple(names), table, model_name, n_docs, strategy, reason, rho)
+
+
+def run_rows(ev, units: list[Unit], mode: str, names: list[str], compute, *, out=None, resume: bool = False,
+             callback=None, write: bool = True) -> list[dict]:
+    """One row per unit, in ``units`` order. Finished rows are reused from ``out`` when resuming;
+    ``compute(todo, path)`` streams the data once for the others and returns their per-document sums."""
     done: dict[str, dict] = {}
     path = None if out is None else check_out(out)
     if path is not None and path.exists() and path.stat().st_size > 0:
@@ -88,17 +116,16 @@ def run_rows(ev, units: list[Unit], mode: str, names: list[str], *, out=None, re
             if missing:
                 raise StreamlensError(f"{str(path)!r} lacks metrics {missing}: it was written by another sweep")
             done[r["unit"]] = r
-    columns = ["unit", "layer", "head", "start", "width", "mode"]
-    columns += [c for k in names for c in (k, f"{k}_lo", f"{k}_hi")] + ["n_positions"]
+    columns = row_columns(names)
+    sums = compute([u for u in units if u.label not in done], path)
     rows = []
-    bar = tqdm(units, desc=desc, unit="unit", disable=not ev.progress)
-    for u in bar:
+    for u in units:
         if u.label in done:
             rows.append({c: done[u.label].get(c) for c in columns})
             continue
-        row = {**unit_columns(u), "mode": mode, **ev.evaluate(u, mode, names)}
+        row = {**unit_columns(u), "mode": mode, **ev.row(sums[u.label])}
         row = {c: row.get(c) for c in columns}
-        if path is not None:
+        if path is not None and write:
             write_row(path, row, columns)
         rows.append(row)
         if callback is not None:
@@ -111,15 +138,13 @@ def greedy_prune(ev, pool: list[Unit], count: int, mode: str, names: list[str], 
 
     removed: list[Unit] = []
     rows = [{"step": 0, "unit": "none", "removed": "", **ev.evaluate([], mode, names)}]
-    total = sum(len(pool) - i for i in range(count))
-    bar = tqdm(total=total, desc="prune", unit="eval", disable=not ev.progress)
+    bar = tqdm(total=count, desc="prune", unit="step", disable=not ev.progress)
     for step in range(1, count + 1):
         best, best_row = None, None
-        for u in pool:
-            if u in removed:
-                continue
-            r = ev.evaluate(combine(removed + [u]), mode, names)
-            bar.update()
+        cands = [u for u in pool if u not in removed]
+        results = ev.evaluate_many([combine(removed + [u]) for u in cands], mode, names)
+        bar.update()
+        for u, r in zip(cands, results):
             score = r[by] if higher_is_worse else -r[by]
             if best_row is None or (not math.isnan(score) and score < best):
                 best, best_row, best_u = score, r, u

@@ -1,0 +1,101 @@
+"""Many workers, one table: documents sharded over ranks, per-document sums gathered.
+
+Under an initialised ``torch.distributed`` process group (``torchrun --nproc-per-node N -m streamlens
+sweep ...``, or the Python API after ``init_process_group``), batch ``i`` of the data (the same batches
+a single process makes) goes to rank ``i % world_size``. Each rank measures its batches; the per-document
+sums are then summed over ranks (``all_reduce``). A document belongs to one batch and a batch to one
+rank, so each sum is its own value plus zeros: the gathered sums, and so the table and its bootstrap
+intervals, are exactly those of a single process. ``gloo`` runs on CPUs, ``nccl`` on GPUs (the sums go
+through the GPU of the rank).
+
+Independent jobs (a SLURM array) use ``shard=(i, n)`` instead: the same assignment, each job writing
+its own document-sums file, joined by :func:`streamlens.skip.merge.merge_shards`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from streamlens.errors import StreamlensError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This worker's share of the batches: batch ``i`` is ours when ``i % count == index``."""
+
+    index: int = 0
+    count: int = 1
+    collective: bool = False  # sums are all-reduced over a process group
+
+    def mine(self, i: int) -> bool:
+        return i % self.count == self.index
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index}of{self.count}"
+
+
+def parse_shard(shard) -> Shard:
+    """``(i, n)`` or ``"i/n"`` as a :class:`Shard` (independent job ``i`` of ``n``)."""
+    if isinstance(shard, str):
+        parts = shard.split("/")
+        try:
+            shard = tuple(int(x) for x in parts)
+        except ValueError:
+            shard = None
+    if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(x, int) for x in shard)
+            or not 0 <= shard[0] < shard[1]):
+        raise StreamlensError(f"shard must be 'i/n' with 0 <= i < n (job i of n), got {shard!r}")
+    return Shard(shard[0], shard[1])
+
+
+def current(shard=None) -> Shard:
+    """The worker's shard: an explicit ``shard`` job, else this process's rank in an initialised group."""
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized()
+    if shard is not None:
+        if group and dist.get_world_size() > 1:
+            raise StreamlensError("shard= is for independent jobs; under torchrun the ranks share the work already")
+        return parse_shard(shard)
+    if group and dist.get_world_size() > 1:
+        return Shard(dist.get_rank(), dist.get_world_size(), collective=True)
+    return Shard()
+
+
+def all_sum(t: Tensor, shard: Shard, device) -> Tensor:
+    """``t`` summed over the ranks of the process group (a no-op without one). A rank that failed or left
+    makes this an error on the others."""
+    if not shard.collective:
+        return t
+    import torch.distributed as dist
+
+    on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.to(on).contiguous()
+    try:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    except Exception as e:  # gloo raises RuntimeError/DistBackendError when a peer is gone
+        raise StreamlensError(f"rank {shard.index} of {shard.count}: gathering the per-document sums failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another rank "
+                              "probably failed: see its error; a restart with --resume continues from the files written") from e
+    return buf.to(t.device)
+
+
+def all_max(value: int, shard: Shard) -> int:
+    if not shard.collective:
+        return value
+    import torch.distributed as dist
+
+    buf = torch.tensor([value], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        buf = buf.cuda()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return int(buf.item())
+
+
+def is_writer(shard: Shard) -> bool:
+    """Whether this worker writes the final table (rank 0 of a group; every independent job writes its own file)."""
+    return not shard.collective or shard.index == 0

@@ -1,0 +1,148 @@
+"""One batch at a time: the clean pass of a batch and the removals run on it.
+
+The evaluator (:class:`streamlens.skip.evaluator.LayerSkipEvaluator`) holds only token ids; for each
+batch it runs :func:`clean_pass` (the model's own forward, with every block's input and call recorded),
+measures every unit in flight on it (:func:`tail` replays blocks ``l..L-1`` from the cached
+``resid_pre[l]``; :func:`full` runs one full forward with the removal hooked in), adds the per-document
+sums and drops the batch. Peak memory is that of one batch: its clean log-probabilities ``(rows,
+vocab)``, its ``L + 1`` block inputs ``(b, p, d)`` and the variants in flight
+(:mod:`streamlens.skip.batched`).
+
+Block inputs stay where their block ran (the tensors the hooks saw), so a model whose blocks sit on
+several devices replays each block on its own device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from streamlens.intervene.removal import intervention_hooks
+from streamlens.intervene.units import Unit
+from streamlens.model import hooks
+from streamlens.skip.metrics import block_influence
+from streamlens.stream.inputs import Batch
+
+
+@dataclass(eq=False)
+class CleanBatch:
+    """What one batch's clean pass leaves behind for the removals (dropped once the batch is done)."""
+
+    batch: Batch
+    sel: Tensor  # (b, p) bool: positions the metrics average over
+    doc: Tensor  # (n,) document index of each selected row
+    has_target: Tensor  # (n,) bool: the row has a next token
+    target: Tensor  # (n,) next token id (0 where none)
+    logp: Tensor  # (n, vocab) clean log-probabilities (float32)
+    top1: Tensor  # (n,) clean argmax
+    top: Tensor  # (n, k) clean top-k ids
+    final: Tensor  # (n, d) clean final residual
+    logits: Tensor  # (n, vocab) clean logits (float32), for task metrics
+    bi: Tensor  # (L, n) float64: each block's 1 - cos(resid_pre, resid_post) at the selected rows
+    resid: list[Tensor] | None = None  # L+1 tensors (b, p, d): each block's input, then the final residual
+    calls: list[tuple] | None = None  # per block: (args after the hidden state, kwargs)
+
+
+def targets(model, batch: Batch, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(b_idx, p_idx, has_target, target)`` of the selected rows (no forward pass needed)."""
+    b_idx, p_idx = sel.nonzero(as_tuple=True)
+    lengths = batch.lengths.to(sel.device)
+    causal = model.arch.causal
+    has_target = (p_idx + 1 < lengths[b_idx]) if causal else torch.ones_like(p_idx, dtype=torch.bool)
+    ids = batch.input_ids.to(sel.device)
+    tpos = (p_idx + 1).clamp_max(ids.shape[1] - 1) if causal else p_idx
+    target = torch.where(has_target, ids[b_idx, tpos], torch.zeros_like(p_idx))
+    return b_idx, p_idx, has_target, target
+
+
+def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks: bool = True) -> CleanBatch:
+    """The model's own forward on ``batch``, with each block's input and call arguments recorded."""
+    m, L = model, model.arch.n_layers
+    resid: list[Tensor | None] = [None] * (L + 1)
+    calls: list[tuple | None] = [None] * L
+    handles = []
+
+    def pre(j):
+        def f(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            resid[j] = x.detach()
+            calls[j] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"} if args else None)
+        return f
+
+    try:
+        for j in range(L):
+            handles.append(m.bridge.blocks[j].register_forward_pre_hook(pre(j), with_kwargs=True))
+        last = hooks.block_point(m.bridge, L - 1, "block", "out")
+        with torch.no_grad(), hooks.attached([(last, lambda t: resid.__setitem__(L, t.detach()))]):
+            logits = m.run(batch.input_ids, batch.mask)
+    finally:
+        for h in handles:
+            h.remove()
+    sel = sel.to(logits.device)
+    _, _, has_target, target = targets(m, batch, sel)
+    doc = sel.nonzero(as_tuple=True)[0] + lo
+    lg = logits[sel].float()
+    k = min(topk, lg.shape[-1])
+    bi = torch.stack([block_influence(resid[j][sel.to(resid[j].device)], resid[j + 1][sel.to(resid[j].device)]).cpu()
+                      for j in range(L)]).double() if all(r is not None for r in resid) else torch.zeros(L, len(doc))
+    ok = keep_blocks and all(r is not None for r in resid) and all(c is not None and c[1] is not None for c in calls)
+    fin = resid[L][sel.to(resid[L].device)].float()
+    return CleanBatch(batch, sel, doc, has_target, target, torch.log_softmax(lg, -1), lg.argmax(-1),
+                      lg.topk(k, -1).indices, fin, lg, bi, resid if ok else None, calls if ok else None)
+
+
+def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start: int | None = None) -> tuple[Tensor, Tensor]:
+    """Logits ``(n, vocab)`` and final residual ``(n, d)`` at the selected rows, from cached ``resid_pre``."""
+    m, L = model, model.arch.n_layers
+    start = unit.first_layer if start is None and unit.atoms else (L if start is None else start)
+    skipped = {a.layer for a in unit.atoms if a.kind == "block"} if mode == "skip" else set()
+    p = c.batch.input_ids.shape[1]
+    x = c.resid[start]
+    with hooks.attached(intervention_hooks(m, unit, mode, means, p, skip_blocks=False)):
+        for j in range(start, L):
+            if j in skipped:
+                continue
+            args, kwargs = c.calls[j]
+            x = x.to(c.resid[j].device)  # blocks on several devices: each runs where it lives
+            out = m.bridge.blocks[j](x, *args, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        x = x.to(c.resid[L].device)
+        xs = x[c.sel.to(x.device)]
+        logits = m.bridge.unembed(m.bridge.ln_final(xs))
+    return logits.float(), xs.float()
+
+
+def full(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None) -> tuple[Tensor, Tensor]:
+    """The same from one full forward with the removal hooked in (the naive path)."""
+    m, L = model, model.arch.n_layers
+    got: dict[str, Tensor] = {}
+    p = c.batch.input_ids.shape[1]
+    hks = intervention_hooks(m, unit, mode, means, p, skip_blocks=True)
+    hks.append((hooks.block_point(m.bridge, L - 1, "block", "out"), lambda t: got.__setitem__("x", t)))
+    with hooks.attached(hks):
+        logits = m.run(c.batch.input_ids, c.batch.mask)
+    sel = c.sel.to(logits.device)
+    return logits[sel].float(), got["x"][sel.to(got["x"].device)].float()
+
+
+def check_prefix(model, c: CleanBatch, means: dict | None = None) -> str:
+    """Why replaying blocks from the cached inputs does not reproduce ``model`` on ``c`` ('' when it does)."""
+    from streamlens.intervene.units import combine
+
+    if c.resid is None:
+        return "the bridge's blocks were not called with the residual stream as their first argument"
+    if getattr(model.bridge, "ln_final", None) is None or getattr(model.bridge, "unembed", None) is None:
+        return "the model has no ln_final/unembed components to finish the forward pass from the last block"
+    L = model.arch.n_layers
+    for start in sorted({0, L // 2, L}):
+        with torch.no_grad():
+            lg = tail(model, c, combine([]), "skip", means, start)[0]
+        err = float((torch.softmax(lg, -1) - c.logp.exp()).abs().max())
+        tol = 1e-4 if model.dtype == torch.float32 else 2e-2
+        if not err <= tol:
+            return (f"replaying blocks {start}..{L - 1} + final norm + unembedding from the cached resid_pre[{start}] "
+                    f"gave next-token probabilities {err:.1e} away from the model's own forward (a logit soft-cap or "
+                    "an LM head beyond the unembedding?); using one full forward per unit")
+    return ""
