@@ -10,7 +10,11 @@ passes (on a GPU a small model otherwise leaves the device idle between passes).
 A variant that skips its first block(s) (mode ``skip``) enters after them with the clean input of
 the first; later skipped blocks of the same variant are bypassed by hooks (``out = in``).
 
-How many variants share a pass comes from a memory budget (:func:`variants_per_pass`).
+How many variants share a pass comes from a memory budget (:func:`variants_per_pass`). Exactness:
+a stacked variant's numbers agree with the same removal run alone to float rounding (a matrix product
+over more rows may block its sums differently: ~1e-7 relative in float32), not always bit for bit; so
+on a CPU, where stacking gains little, the default is one variant per pass, which reproduces the
+single-removal numbers exactly. On a GPU the default budget is 1 GiB.
 """
 
 from __future__ import annotations
@@ -57,11 +61,16 @@ def variant_bytes(arch, b: int, p: int, n_rows: int, itemsize: int) -> int:
 
 
 def variants_per_pass(model, b: int, p: int, n_rows: int, budget, max_variants: int | None) -> int:
-    """How many variants of a ``(b, p)`` batch fit ``budget`` bytes (at least 1, at most ``max_variants``)."""
+    """How many variants of a ``(b, p)`` batch fit ``budget`` bytes (at least 1); ``max_variants`` overrides.
+    ``budget=None``: one variant per pass on a CPU, :data:`DEFAULT_BUDGET` elsewhere."""
     if max_variants is not None:
         if isinstance(max_variants, bool) or not isinstance(max_variants, int) or max_variants < 1:
             raise StreamlensError(f"variants_per_pass must be a positive int, got {max_variants!r}")
         return max_variants
+    if budget is None:
+        if model.device.type == "cpu":
+            return 1
+        budget = DEFAULT_BUDGET
     per = variant_bytes(model.arch, b, p, n_rows, torch.finfo(model.dtype).bits // 8)
     return max(1, parse_bytes(budget) // max(per, 1))
 

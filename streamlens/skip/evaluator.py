@@ -53,7 +53,7 @@ from streamlens.intervene.means import mean_writes
 from streamlens.intervene.units import KINDS, Unit, all_units, check_mode, combine, parse_unit
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
-from streamlens.skip.batched import DEFAULT_BUDGET, parse_bytes, stacked_tail, variants_per_pass
+from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
 from streamlens.skip.docsums import DocSums, read_file
 from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, targets
@@ -83,14 +83,16 @@ class LayerSkipEvaluator:
             ``"prefix"`` or ``"naive"`` (one full forward per unit). ``path=`` is its former name.
         variants_per_pass: removals stacked into one forward pass (prefix strategy); default: as many
             as ``memory_budget`` allows.
-        memory_budget: bytes (or ``"2GB"``) the stacked variants of one pass may use (default 1 GiB).
+        memory_budget: bytes (or ``"2GB"``) the stacked variants of one pass may use; default: one
+            variant per pass on a CPU (bit-for-bit the numbers of one removal alone), 1 GiB on a GPU
+            (stacked numbers agree to float rounding; see :mod:`streamlens.skip.batched`).
         field: the text field of a JSONL file.
     """
 
     def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
                  topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
                  strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None,
-                 variants_per_pass: int | None = None, memory_budget=DEFAULT_BUDGET):
+                 variants_per_pass: int | None = None, memory_budget=None):
         self.model: Model = as_model(model)
         strategy = _renamed(path, strategy)
         if strategy not in STRATEGIES:
@@ -98,7 +100,8 @@ class LayerSkipEvaluator:
         if mean_over not in ("position", "all"):
             raise StreamlensError(f"mean_over must be 'position' or 'all', got {mean_over!r}")
         check_batch_size(batch_size)
-        parse_bytes(memory_budget)
+        if memory_budget is not None:
+            parse_bytes(memory_budget)
         docs = _documents(data, field)
         if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.shape[0] != len(docs):
             raise StreamlensError(f"positions mask has {positions.shape[0]} rows for {len(docs)} documents")
@@ -187,7 +190,7 @@ class LayerSkipEvaluator:
                 continue
             with torch.no_grad():
                 c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=strategy == "prefix" and bool(todo))
-                if bi is not None:
+                if need_bi:
                     for j in range(L):
                         bi[j].index_add_(0, c.doc.cpu(), c.bi[j])
                 if store is not None and lo not in done_batches:

@@ -96,7 +96,8 @@ def sweep_table(kind: str, mode: str, names, rows: list[dict], bi, model_name: s
     if kind == "block":
         table.insert(len(table.columns) - 1, "block_influence", bi)
         rho = {k: spearman(table["block_influence"], table[k]) for k in names}
-    table = table.dropna(axis=1, how="all")
+    keep = {c for k in names for c in (k, f"{k}_lo", f"{k}_hi")}  # a metric with no position stays, as NaN
+    table = table[[c for c in table.columns if c in keep or table[c].notna().any()]]
     return SkipSweep(kind, mode, tuple(names), table, model_name, n_docs, strategy, reason, rho)
 
 

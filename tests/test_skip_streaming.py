@@ -1,0 +1,202 @@
+"""The streaming evaluator reproduces the evaluator it replaced, number for number; resume; the files it writes."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+import streamlens as sl
+from streamlens.report.demo import pydoc_texts
+from streamlens.skip import evaluator as evmod
+from streamlens.skip.docsums import DocSums
+
+from reference_skip import OldEvaluator
+
+TEXTS = [t[:400] for t in pydoc_texts()[:5]]
+ALL = ("kl", "ce", "top1", "topk", "angle")
+SWEEPS = (("block", "skip", None), ("attn", "skip", None), ("mlp", "mean", None), ("head", "mean", None),
+          ("span", "drop-residual", 2), ("block", "mean", None))
+
+
+def _kw(**kw):
+    return {"max_tokens": 24, "batch_size": 2, "progress": False, "n_boot": 200, **kw}
+
+
+def _same_rows(new_table, old, mode, metrics=ALL):
+    """Every row of ``new_table`` equals the old evaluator's ``evaluate`` of its unit, bit for bit."""
+    for _, r in new_table.iterrows():
+        want = old.evaluate(r["unit"], mode, metrics)
+        for k, v in want.items():
+            assert r[k] == v or (math.isnan(r[k]) and math.isnan(v)), (r["unit"], k, r[k], v)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "bert"])
+def test_every_sweep_equals_the_old_evaluator(tiny_models, arch):
+    m = tiny_models(arch)
+    old = OldEvaluator(m, TEXTS, **_kw())
+    for vpp in (1, None):  # None: the default on a CPU
+        ev = sl.LayerSkipEvaluator(m, TEXTS, variants_per_pass=vpp, **_kw())
+        assert ev.strategy == old.strategy
+        for unit, mode, width in SWEEPS:
+            if arch == "bert" and unit in ("head", "span"):
+                continue
+            sweep = ev.sweep(unit, mode=mode, width=width, metrics=ALL)
+            _same_rows(sweep.to_dataframe(), old, mode)
+        assert ev.block_influence() == old.block_influence()
+    assert ev.evaluate(["head.1.0", "mlp.0"], "skip", ALL) == old.evaluate(["head.1.0", "mlp.0"], "skip", ALL)
+
+
+@pytest.mark.parametrize("positions", ["last", slice(5, None), [0, -2], "mask"])
+def test_positions_and_batch_sizes_equal_the_old_evaluator(tiny_models, positions):
+    m = tiny_models("llama")
+    if positions == "mask":
+        positions = torch.rand(len(TEXTS), 24, generator=torch.Generator().manual_seed(3)) > 0.5
+    for bs in (1, 3):
+        old = OldEvaluator(m, TEXTS, **_kw(positions=positions, batch_size=bs))
+        ev = sl.LayerSkipEvaluator(m, TEXTS, **_kw(positions=positions, batch_size=bs))
+        _same_rows(ev.sweep("block", metrics=ALL).to_dataframe(), old, "skip")
+    assert ev.prune(2, unit="attn").to_dataframe()["removed"].iloc[2].count("+") == 1
+
+
+def test_stacked_variants_equal_one_variant_per_pass(tiny_models):
+    m = tiny_models("neox")
+    one = sl.LayerSkipEvaluator(m, TEXTS, variants_per_pass=1, **_kw())
+    budget = sl.LayerSkipEvaluator(m, TEXTS, memory_budget="64MB", **_kw())
+    tiny = sl.LayerSkipEvaluator(m, TEXTS, memory_budget=1, **_kw())  # one variant per pass from the budget
+    for unit, mode, width in SWEEPS:
+        a = one.sweep(unit, mode=mode, width=width, metrics=ALL).to_dataframe()
+        for other in (budget, tiny):
+            b = other.sweep(unit, mode=mode, width=width, metrics=ALL).to_dataframe()
+            for col in a.columns:
+                if a[col].dtype.kind == "f":
+                    torch.testing.assert_close(torch.tensor(b[col].values), torch.tensor(a[col].values), atol=1e-6,
+                                               rtol=1e-6)
+    assert float(a["kl"].max()) > 1e-4
+    with pytest.raises(sl.StreamlensError, match="memory_budget"):
+        sl.LayerSkipEvaluator(m, TEXTS, memory_budget="lots", **_kw())
+    with pytest.raises(sl.StreamlensError, match="variants_per_pass"):
+        sl.LayerSkipEvaluator(m, TEXTS, variants_per_pass=0, **_kw()).evaluate("block.0")
+
+
+def test_one_batch_in_memory_at_a_time(tiny_models, monkeypatch):
+    """Streaming: when a batch's clean pass starts, no earlier batch's clean state is alive."""
+    alive: list = []
+    real = evmod.clean_pass
+
+    def tracked(*a, **k):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier batch is still held"
+        c = real(*a, **k)
+        alive.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(evmod, "clean_pass", tracked)
+    ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, **_kw(batch_size=1))
+    ev.sweep("head")
+    assert len(alive) == 1 + len(TEXTS)  # the construction's prefix check, then one per batch
+    assert not hasattr(ev, "batches")
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 5])
+def test_interrupted_at_any_point_resumes_to_the_same_table(tiny_models, tmp_path, monkeypatch, stop_after):
+    m = tiny_models("gpt2")
+    ev = sl.LayerSkipEvaluator(m, TEXTS, **_kw())
+    full = ev.sweep("block", mode="mean", metrics=ALL).to_dataframe()
+    out = tmp_path / "blocks.csv"
+    real, calls = DocSums.write_unit, []
+
+    def dying(self, *a):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        real(self, *a)
+
+    monkeypatch.setattr(DocSums, "write_unit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ev.sweep("block", mode="mean", metrics=ALL, out=out)
+    monkeypatch.setattr(DocSums, "write_unit", real)
+    state = tmp_path / "blocks.csv.docsums-0of1.jsonl"
+    assert len(state.read_text().splitlines()) > stop_after
+    with pytest.raises(sl.StreamlensError, match="resume=True"):
+        ev.sweep("block", mode="mean", metrics=ALL, out=out)
+    measured = []
+    real_measure = evmod.LayerSkipEvaluator._measure
+
+    def counting(self, c, units, *a):
+        measured.extend((int(c.doc.min()), u.label) for u in units)
+        return real_measure(self, c, units, *a)
+
+    monkeypatch.setattr(evmod.LayerSkipEvaluator, "_measure", counting)
+    fresh = sl.LayerSkipEvaluator(m, TEXTS, **_kw())
+    resumed = fresh.sweep("block", mode="mean", metrics=ALL, out=out, resume=True).to_dataframe()
+    assert len(measured) == 3 * len(m.bridge.blocks) - stop_after  # 3 batches x 2 blocks, minus what was written
+    for col in full.columns:
+        assert list(resumed[col]) == list(full[col]), col
+
+
+def test_cut_off_last_line_is_dropped_and_redone(tiny_models, tmp_path):
+    ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, **_kw())
+    full = ev.sweep("attn").to_dataframe()
+    out = tmp_path / "a.jsonl"
+    ev.sweep("attn", out=out)
+    out.unlink()
+    state = tmp_path / "a.jsonl.docsums-0of1.jsonl"
+    text = state.read_text()
+    state.write_text(text[: len(text) - 20])  # a kill in the middle of the last write
+    with pytest.warns(UserWarning, match="cut off"):
+        again = ev.sweep("attn", out=out, resume=True).to_dataframe()
+    for col in full.columns:
+        assert list(again[col]) == list(full[col]), col
+
+
+@pytest.mark.parametrize("change,what", [({"max_tokens": 20}, "max_tokens"), ({"positions": "last"}, "positions"),
+                                         ({"topk": 3}, "topk"), ({"data": TEXTS[:4]}, "data"),
+                                         ({"mode": "mean"}, "mode"), ({"metrics": ("kl", "top1")}, "metrics"),
+                                         ({"model": "llama"}, "model"), ({"batch_size": 3}, "batch_size")])
+def test_resume_with_other_settings_is_refused(tiny_models, tmp_path, change, what):
+    out = tmp_path / "s.jsonl"
+    sl.skip_sweep(tiny_models("gpt2"), TEXTS, unit="attn", out=out, **_kw())
+    out.unlink()  # only the document sums are left
+    kw = _kw(**{k: v for k, v in change.items() if k not in ("data", "mode", "metrics", "model")})
+    data = change.get("data", TEXTS)
+    model = tiny_models(change.get("model", "gpt2"))
+    with pytest.raises(sl.StreamlensError, match=f"cannot resume from .*{what}: .* in the file, .* now"):
+        sl.skip_sweep(model, data, unit="attn", out=out, resume=True, mode=change.get("mode", "skip"),
+                      metrics=change.get("metrics", ("kl", "ce", "top1")), **kw)
+
+
+def test_damaged_files_are_one_line_errors(tiny_models, tmp_path):
+    ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, **_kw())
+    good = {}
+    for suffix in (".jsonl", ".csv"):
+        out = tmp_path / f"g{suffix}"
+        ev.sweep("block", out=out)
+        good[suffix] = out.read_text()
+    cases = {
+        ".jsonl": [(lambda t: t + t.splitlines()[0] + "\n", "line 3: duplicate row for unit 'block.0'"),
+                   (lambda t: t[:-5], "line 2 is cut off"),
+                   (lambda t: t.replace('"kl": ', '"kl": "x', 1).replace(', "kl_lo"', '", "kl_lo"', 1),
+                    "line 1: kl is not a number")],
+        ".csv": [(lambda t: t + t.splitlines()[1] + "\n", "line 4: duplicate row for unit 'block.0'"),
+                 (lambda t: t[:-5], "line 3 is cut off"),
+                 (lambda t: t.splitlines()[0][:30], "line 1: the header is cut off"),
+                 (lambda t: t.replace("\nblock.0,0,", "\nblock.0,zero,"), "line 2: layer is not a number")],
+    }
+    for suffix, damages in cases.items():
+        for damage, msg in damages:
+            out = tmp_path / f"d{suffix}"
+            out.write_text(damage(good[suffix]))
+            with pytest.raises(sl.StreamlensError, match=msg) as e:
+                ev.sweep("block", out=out, resume=True)
+            assert "\n" not in str(e.value) and out.name in str(e.value)
+            out.unlink()
+            for f in tmp_path.glob("d*.docsums-*"):
+                f.unlink()
+    state = tmp_path / "g.jsonl.docsums-0of1.jsonl"
+    lines = state.read_text().splitlines()
+    state.write_text("\n".join(lines + [lines[2]]) + "\n")
+    (tmp_path / "g.jsonl").unlink()
+    with pytest.raises(sl.StreamlensError, match=f"line {len(lines) + 1}: duplicate"):
+        ev.sweep("block", out=tmp_path / "g.jsonl", resume=True)
