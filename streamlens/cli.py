@@ -130,16 +130,37 @@ def _cmd_lens(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from streamlens.present.tables import text_table
-    from streamlens.skip.evaluator import skip_sweep
+    from streamlens.skip.distributed import init_from_env
+    from streamlens.skip.evaluator import LayerSkipEvaluator
 
     texts = _texts(args)  # a bad data file fails before the model loads
+    rank = init_from_env(args)  # under torchrun: join the process group (sets args.device per rank on GPUs)
     model = _load(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    kw = dict(unit=args.unit, mode=args.mode, metrics=metrics, batch_size=args.batch_size, max_tokens=args.max_tokens,
-              out=args.out, resume=args.resume, progress=True, prepend_bos=args.prepend_bos)
-    if args.width is not None:
-        kw["width"] = args.width
-    res = skip_sweep(model, texts, **kw)
+    ev = LayerSkipEvaluator(model, texts, batch_size=args.batch_size, max_tokens=args.max_tokens, progress=rank == 0,
+                            variants_per_pass=args.variants_per_pass, memory_budget=args.memory_budget,
+                            prepend_bos=args.prepend_bos)
+    kw = dict(mode=args.mode, metrics=metrics, width=args.width)
+    if args.shard:
+        if not args.out:
+            raise StreamlensError("--shard needs --out: the file this job writes its document sums to")
+        path = ev.sweep_shard(args.unit, shard=args.shard, out=args.out, **kw)
+        print(f"wrote {path} (shard {args.shard}); join the shards with: streamlens merge FILES --out TABLE",
+              file=sys.stderr)
+        return 0
+    res = ev.sweep(args.unit, out=args.out, resume=args.resume, **kw)
+    if rank == 0:
+        print(text_table(res.to_dataframe()))
+        if args.out:
+            print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from streamlens.present.tables import text_table
+    from streamlens.skip.shards import merge_shards
+
+    res = merge_shards(args.files, out=args.out)
     print(text_table(res.to_dataframe()))
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
@@ -268,8 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("skip", "mean", "drop-residual"), default="skip")
     p.add_argument("--metrics", default="kl,ce,top1", help="comma-separated (default kl,ce,top1)")
     p.add_argument("--out", help="write results as they come (.jsonl or .csv)")
-    p.add_argument("--resume", action="store_true", help="skip what --out already holds")
+    p.add_argument("--resume", action="store_true", help="continue from what --out and its document sums hold")
+    p.add_argument("--shard", help="i/n: run job i of n independent jobs (writes document sums to --out, a .jsonl; "
+                   "join them with 'streamlens merge'); under torchrun the ranks share the work without it")
+    p.add_argument("--variants-per-pass", type=int, default=None, help="removals stacked into one forward pass")
+    p.add_argument("--memory-budget", default=None, help="bytes the stacked removals may use, e.g. 2GB "
+                   "(default: 1 per pass on a CPU, 1GB on a GPU)")
     _common(p)
+
+    p = _sub(sub, "merge", "join the document sums of shard jobs (sweep --shard i/n) into the sweep's table",
+             "streamlens merge part0.jsonl part1.jsonl --out sweep.csv", _cmd_merge, model=False)
+    p.add_argument("files", nargs="+", help="the shard files, one per job")
+    p.add_argument("--out", help="also write the table (.csv or .jsonl)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
     p = _sub(sub, "report", "per-layer attribution report over a data set (HTML + CSV)",
              "streamlens report smollm2-135m --data texts.txt --out report.html", _cmd_report)

@@ -99,3 +99,25 @@ def all_max(value: int, shard: Shard) -> int:
 def is_writer(shard: Shard) -> bool:
     """Whether this worker writes the final table (rank 0 of a group; every independent job writes its own file)."""
     return not shard.collective or shard.index == 0
+
+
+def init_from_env(args) -> int:
+    """Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment): join the process group (``nccl`` when
+    ``args.device`` is a GPU, each rank on its ``LOCAL_RANK``'s GPU; ``gloo`` otherwise) and return this
+    rank; 0 without torchrun."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        gpu = (args.device or "cpu").startswith("cuda") and torch.cuda.is_available()
+        if gpu:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group(backend="nccl" if gpu else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank()

@@ -32,10 +32,10 @@ from streamlens.errors import StreamlensError
 FORMAT = "streamlens-docsums/1"
 
 
-def describe_difference(theirs: dict, ours: dict) -> str:
+def describe_difference(theirs: dict, ours: dict, where: tuple[str, str] = ("in the file", "now")) -> str:
     """``"mode: 'skip' in the file, 'mean' now; ..."`` for every key whose value differs."""
     keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-    return "; ".join(f"{k}: {_short(theirs.get(k))} in the file, {_short(ours.get(k))} now" for k in keys)
+    return "; ".join(f"{k}: {_short(theirs.get(k))} {where[0]}, {_short(ours.get(k))} {where[1]}" for k in keys)
 
 
 def _short(v) -> str:
@@ -80,8 +80,12 @@ class Contents:
         self.units: dict[tuple[int, str], dict[str, Tensor]] = {}
 
 
-def check_fingerprint(path: Path, theirs: dict, ours: dict) -> None:
+def check_fingerprint(path: Path, theirs: dict, ours: dict, other: Path | None = None) -> None:
+    """Refuse ``path`` (header ``theirs``) unless it comes from the same sweep as this run (or as ``other``'s file)."""
     a, b = theirs.get("fingerprint", {}), ours.get("fingerprint", {})
+    if a != b and other is not None:
+        raise StreamlensError(f"cannot merge {path.name} with {other.name}: they come from different sweeps "
+                              f"({describe_difference(a, b, (f'in {path.name}', f'in {other.name}'))})")
     if a != b:
         raise StreamlensError(f"cannot resume from {str(path)!r}: it was written by a different sweep "
                               f"({describe_difference(a, b)}); use another --out file or remove it")
@@ -155,3 +159,48 @@ def read_file(path: Path, *, truncate: bool = False) -> Contents:
     if out is None:
         raise StreamlensError(f"{str(path)!r} is empty: it holds no document-sums header")
     return out
+
+
+# --------------------------------------------------------------------------- identities
+def describe_positions(positions):
+    """``positions`` as it goes into a fingerprint (a mask by its hash)."""
+    import hashlib
+
+    if isinstance(positions, Tensor):
+        return "mask sha256:" + hashlib.sha256(positions.bool().cpu().numpy().tobytes()).hexdigest()[:16]
+    return repr(positions) if positions is not None else None
+
+
+def weights_checksum(model) -> str:
+    """A cheap identity of the weights: the first 4096 values of every parameter, summed in float64."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.hf.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{float(p.detach().flatten()[:4096].double().sum().cpu())!r};".encode())
+    return h.hexdigest()[:16]
+
+
+def start_token(model):
+    """Whether the tokenizer prepends a start token (changes every position's numbers)."""
+    tok = model.tokenizer
+    return None if tok is None else getattr(tok, "add_bos_token", None)
+
+
+def load_done(path: Path, header: dict, resume: bool) -> Contents:
+    """The finished (batch, unit) sums of every ``<path>.docsums-*.jsonl`` (all ranks' files), checked
+    against this run's ``header``."""
+    files = sorted(path.parent.glob(path.name + ".docsums-*.jsonl"))
+    if files and not resume:
+        raise StreamlensError(f"{str(files[0])!r} holds document sums of an earlier run: pass resume=True to "
+                              "continue it, or remove it")
+    done = Contents(header)
+    for f in files:
+        got = read_file(f, truncate=True)
+        check_fingerprint(f, got.header, header)
+        for key, v in got.units.items():
+            if key in done.units:
+                raise StreamlensError(f"{f.name}: unit {key[1]!r} on documents from {key[0]} is also in another file")
+            done.units[key] = v
+        done.batches.update(got.batches)
+    return done

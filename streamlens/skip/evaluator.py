@@ -54,7 +54,7 @@ from streamlens.intervene.units import KINDS, Unit, all_units, check_mode, combi
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
-from streamlens.skip.docsums import DocSums, read_file
+from streamlens.skip.docsums import DocSums, describe_positions, load_done, start_token, weights_checksum
 from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, targets
 from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, unit_columns
@@ -131,7 +131,7 @@ class LayerSkipEvaluator:
         if self._count[:, 0].sum() == 0:
             raise StreamlensError(f"no positions to measure: the {self.n_docs} documents have no selected non-padding positions")
         self._settings = {"data": digest.hexdigest()[:16], "n_docs": self.n_docs, "max_tokens": max_tokens,
-                          "batch_size": batch_size, "positions": _describe_positions(positions), "topk": topk,
+                          "batch_size": batch_size, "positions": describe_positions(positions), "topk": topk,
                           "n_boot": n_boot, "seed": seed, "mean_over": mean_over}
         if strategy != "naive":
             lo, batch, sel = self._data[0]
@@ -145,8 +145,8 @@ class LayerSkipEvaluator:
     def fingerprint(self, units: Sequence[Unit], mode: str, names: Sequence[str], strategy: str | None = None) -> dict:
         """Everything that changes a number of a sweep: model, data, settings, mode, metrics, units."""
         m = self.model
-        return {"model": m.name, "weights": _weights_checksum(m), "dtype": str(m.dtype).removeprefix("torch."),
-                "device": m.device.type, "start_token": _start_token(m), **self._settings,
+        return {"model": m.name, "weights": weights_checksum(m), "dtype": str(m.dtype).removeprefix("torch."),
+                "device": m.device.type, "start_token": start_token(m), **self._settings,
                 "mean_over": self.mean_over if mode == "mean" else None, "strategy": strategy or self.strategy,
                 "mode": mode, "metrics": list(names), "units": [u.label for u in units]}
 
@@ -326,7 +326,7 @@ class LayerSkipEvaluator:
         def compute(todo: list[Unit], path: Path | None):
             store, done = None, None
             if path is not None:
-                done = _load_done(path, header, resume)
+                done = load_done(path, header, resume)
                 store = DocSums(Path(f"{path}.docsums-{shard.tag}.jsonl"), header)
             sums, bi = self._stream(todo, mode, names, want_bi=kind == "block", store=store, done=done,
                                     shard=shard, desc=f"skip {kind}")
@@ -342,29 +342,11 @@ class LayerSkipEvaluator:
 
     def sweep_shard(self, unit="block", *, shard, out, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                     width=None, resume: bool = True) -> Path:
-        """Job ``i`` of ``n`` (``shard=(i, n)`` or ``"i/n"``) of a sweep: measure batches ``i, i+n, ...`` and
-        write their per-document sums to ``out`` (``.jsonl``); :func:`streamlens.skip.merge.merge_shards` joins
-        the ``n`` files into the table a single process makes. Re-running a job continues its file."""
-        names = metric_names(metrics)
-        units, kind = self._sweep_units(unit, width)
-        for u in units:
-            check_mode(mode, u)
-        sh = distributed.current(shard)
-        path = Path(out)
-        if path.suffix.lower() != ".jsonl":
-            raise StreamlensError(f"out={str(out)!r}: a shard writes document sums, to a .jsonl file")
-        if path.exists() and path.stat().st_size > 0 and not resume:
-            raise StreamlensError(f"out file {str(path)!r} already exists: pass resume=True to continue it, or remove it")
-        header = {"fingerprint": self.fingerprint(units, mode, names), "kind": kind, "mode": mode, "metrics": names,
-                  "model_name": self.model.name, "strategy": self.strategy, "strategy_reason": self.strategy_reason,
-                  "units": [unit_columns(u) for u in units], "shard": [sh.index, sh.count],
-                  "n_batches": len(self._data), "batch_starts": [lo for lo, _, _ in self._data],
-                  "count": self._count.T.tolist(), "boot": {"n_boot": self.boot.shape[0], "seed": self._settings["seed"]}}
-        store = DocSums(path, header)
-        done = read_file(path)
-        self._stream(units, mode, names, want_bi=kind == "block", store=store, done=done, shard=sh,
-                     desc=f"shard {sh.index}/{sh.count}")
-        return path
+        """Job ``i`` of ``n`` of a sweep (``shard=(i, n)`` or ``"i/n"``): its per-document sums go to ``out``;
+        :func:`streamlens.skip.shards.merge_shards` joins the ``n`` files (see :func:`streamlens.skip.shards.run_shard`)."""
+        from streamlens.skip.shards import run_shard
+
+        return run_shard(self, unit, shard=shard, out=out, mode=mode, metrics=metrics, width=width, resume=resume)
 
     def prune(self, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
               metrics: Sequence[str] = ("kl", "ce", "top1")) -> SkipSweep:
@@ -428,42 +410,3 @@ def _documents(data, field: str):
     if isinstance(data, list) and data and all(isinstance(d, (list, tuple)) for d in data):
         return [list(d) for d in data]
     return load_texts(data, field=field)
-
-
-def _describe_positions(positions) -> Any:
-    if isinstance(positions, Tensor):
-        return "mask sha256:" + hashlib.sha256(positions.bool().cpu().numpy().tobytes()).hexdigest()[:16]
-    return repr(positions) if positions is not None else None
-
-
-def _weights_checksum(model) -> str:
-    """A cheap identity of the weights: the first 4096 values of every parameter, summed in float64."""
-    h = hashlib.sha256()
-    for name, p in model.hf.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{float(p.detach().flatten()[:4096].double().sum().cpu())!r};".encode())
-    return h.hexdigest()[:16]
-
-
-def _start_token(model) -> Any:
-    tok = model.tokenizer
-    return None if tok is None else getattr(tok, "add_bos_token", None)
-
-
-def _load_done(path: Path, header: dict, resume: bool):
-    """The finished (batch, unit) sums of every ``<path>.docsums-*.jsonl`` (all ranks' files), checked."""
-    from streamlens.skip.docsums import Contents, check_fingerprint
-
-    files = sorted(path.parent.glob(path.name + ".docsums-*.jsonl"))
-    if files and not resume:
-        raise StreamlensError(f"{str(files[0])!r} holds document sums of an earlier run: pass resume=True to "
-                              "continue it, or remove it")
-    done = Contents(header)
-    for f in files:
-        got = read_file(f)
-        check_fingerprint(f, got.header, header)
-        for key, v in got.units.items():
-            if key in done.units:
-                raise StreamlensError(f"{f.name}: unit {key[1]!r} on documents from {key[0]} is also in another file")
-            done.units[key] = v
-        done.batches.update(got.batches)
-    return done
