@@ -49,8 +49,8 @@ SCRIPT = textwrap.dedent("""
     ev = sl.LayerSkipEvaluator(sl.load(folder), texts, max_tokens=20, batch_size=2, n_boot=200, progress=False)
     sweep = ev.sweep("head", mode="mean", metrics=("kl", "ce", "top1", "angle"))
     blocks = ev.sweep("block", metrics=("kl", "ce"))
-    sweep.to_dataframe().to_json(out + ".rank%d.json" % dist.get_rank(), double_precision=15)
-    blocks.to_dataframe().to_json(out + ".blocks%d.json" % dist.get_rank(), double_precision=15)
+    sweep.to_dataframe().to_pickle(out + ".rank%d.pkl" % dist.get_rank())
+    blocks.to_dataframe().to_pickle(out + ".blocks%d.pkl" % dist.get_rank())
     dist.destroy_process_group()
 """)
 
@@ -65,8 +65,8 @@ def test_two_gloo_processes_give_the_single_process_table(tiny_models, tiny_dirs
     single = ev.sweep("head", mode="mean", metrics=("kl", "ce", "top1", "angle")).to_dataframe()
     blocks = ev.sweep("block", metrics=("kl", "ce")).to_dataframe()
     for rank in (0, 1):  # every rank returns the whole table
-        _same_table(pd.read_json(tmp_path / f"t.rank{rank}.json"), single)
-        _same_table(pd.read_json(tmp_path / f"t.blocks{rank}.json"), blocks)
+        _same_table(pd.read_pickle(tmp_path / f"t.rank{rank}.pkl"), single)
+        _same_table(pd.read_pickle(tmp_path / f"t.blocks{rank}.pkl"), blocks)
     # a rank that fails is an error naming it, not a hang
     r = _torchrun(["run.py", str(tiny_dirs("gpt2")), "texts.json", str(tmp_path / "f"), "1"], tmp_path, timeout=300)
     assert r.returncode != 0 and "rank 1: a planned failure" in r.stderr + r.stdout

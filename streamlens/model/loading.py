@@ -215,7 +215,8 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 
 
 def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | None = None, dtype=None,
-         in_place: bool = False) -> Model:
+         in_place: bool = False, device_map: str | dict | None = None, n_devices: int | None = None,
+         max_memory: dict | None = None) -> Model:
     """Load a model into a streamlens :class:`Model`.
 
     Args:
@@ -227,6 +228,9 @@ def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | Non
         device: ``"cpu"``, ``"cuda"``, ... (default: CPU).
         dtype: ``torch.float32`` (default), ``"bfloat16"``, ...
         in_place: for a HuggingFace model passed in memory: wrap it in place instead of a deep copy.
+        device_map, n_devices, max_memory: multi-device placement, passed through to the bridge
+            (``TransformerBridge.boot_transformers``, accelerate-dispatched): ``device_map="auto"`` or a
+            dict of module name -> device, or ``n_devices=N``; exclusive with ``device``.
 
     A HuggingFace model passed in memory is deep-copied (with its tokenizer) and the copy is wrapped:
     wrapping turns sub-modules into bridge components and switches attention to the eager
@@ -239,6 +243,10 @@ def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | Non
 
     torch_dtype = _parse_dtype(dtype)
     _check_device(device)
+    placement = {k: v for k, v in (("device_map", device_map), ("n_devices", n_devices), ("max_memory", max_memory))
+                 if v is not None}
+    if placement and device is not None:
+        raise StreamlensError(f"device={device!r} and {', '.join(placement)} are exclusive: give one placement")
     if isinstance(source, Model):
         return source
     if isinstance(source, TransformerBridge):
@@ -264,22 +272,23 @@ def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | Non
         )
     if source in zoo.KNOWN:
         folder = zoo.materialise(source)
-        return _boot(str(folder), device, torch_dtype, name=source)
+        return _boot(str(folder), device, torch_dtype, name=source, **placement)
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise StreamlensError(f"model folder {source!r} has no config.json (save it with save_pretrained)")
-        return _boot(str(path), device, torch_dtype, name=source)
+        return _boot(str(path), device, torch_dtype, name=source, **placement)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise StreamlensError(f"model folder {source!r} does not exist")
-    return _boot(source, device, torch_dtype, name=source)
+    return _boot(source, device, torch_dtype, name=source, **placement)
 
 
-def _boot(where: str, device, dtype, *, name: str) -> Model:
+def _boot(where: str, device, dtype, *, name: str, **placement) -> Model:
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(where, device=device, **({"dtype": dtype} if dtype else {}))
+        bridge = TransformerBridge.boot_transformers(where, device=device, **({"dtype": dtype} if dtype else {}),
+                                                     **placement)
     except (OSError, ValueError, KeyError, AttributeError, RuntimeError, NotImplementedError) as e:
         detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if Path(where).expanduser().is_dir():  # a folder that exists: the bridge could not place or build it

@@ -121,3 +121,11 @@ def init_from_env(args) -> int:
         dist.init_process_group(backend="nccl" if gpu else "gloo")
         atexit.register(dist.destroy_process_group)
     return dist.get_rank()
+
+
+def barrier(shard: Shard) -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if shard.collective:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -327,6 +327,7 @@ class LayerSkipEvaluator:
             store, done = None, None
             if path is not None:
                 done = load_done(path, header, resume)
+                distributed.barrier(shard)  # every rank has looked for earlier files before any writes its own
                 store = DocSums(Path(f"{path}.docsums-{shard.tag}.jsonl"), header)
             sums, bi = self._stream(todo, mode, names, want_bi=kind == "block", store=store, done=done,
                                     shard=shard, desc=f"skip {kind}")
