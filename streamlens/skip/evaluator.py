@@ -161,8 +161,8 @@ class LayerSkipEvaluator:
         if strategy == "prefix" and self.strategy != "prefix":
             raise StreamlensError(f"prefix reuse is not available for this model: {self.strategy_reason}")
         shard = shard or distributed.current()
-        if mode == "mean" and self._means is None:  # one extra streaming pass, over every document
-            self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
+        if mode == "mean":
+            self.ensure_means()
         L = self.model.arch.n_layers
         sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
         bi = torch.zeros(L, self.n_docs, dtype=torch.float64) if want_bi else None
@@ -215,6 +215,16 @@ class LayerSkipEvaluator:
             if bi is not None:
                 bi = torch.stack([next(parts) for _ in range(L)])
         return sums, bi
+
+    def ensure_means(self) -> dict:
+        """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
+        if self._means is None:
+            self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
+        return self._means
+
+    means = property(lambda self: self._means, doc="The mean writes (None until a mean-mode removal needed them).")
+    data_batches = property(lambda self: list(self._data), doc="``(first document, Batch, selected positions)`` per batch.")
+    counts = property(lambda self: self._count, doc="``(docs, 2)``: selected positions, and those with a next token.")
 
     def _measure(self, c: CleanBatch, units: Sequence[Unit], mode: str, names, strategy: str):
         """``(unit, {metric: per-row values})`` for each unit, removed on the clean batch ``c``."""
@@ -303,7 +313,7 @@ class LayerSkipEvaluator:
 
     def sweep(self, unit="block", *, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
               width: int | Sequence[int] | None = None, out: str | Path | None = None, resume: bool = False,
-              callback: Callable[[dict], None] | None = None) -> SkipSweep:
+              callback: Callable[[dict], None] | None = None, screen: int | None = None) -> SkipSweep:
         """Every single unit of a kind (``"block"``, ``"attn"``, ``"mlp"``, ``"head"``), every span of
         ``width`` (an int or several) blocks, or one explicit set (a list of units removed together).
 
@@ -312,6 +322,11 @@ class LayerSkipEvaluator:
         continues an interrupted sweep from where it stopped (a resume with other settings is refused).
         ``callback(row)`` is called after each new row. Under ``torchrun`` the ranks share the batches
         and every rank returns the same table (rank 0 writes ``out``).
+
+        ``screen=k``: estimate every unit's ``delta_ce`` to first order (:mod:`streamlens.skip.attribution`),
+        compute exact numbers only for the ``k`` units with the largest estimated effect; every row carries
+        ``delta_ce_estimate`` and ``exact``, and ``result.screening`` the rank correlation of estimate and
+        exact value over the ``k`` units.
         """
         names = metric_names(metrics)
         units, kind = self._sweep_units(unit, width)
@@ -335,11 +350,28 @@ class LayerSkipEvaluator:
                 self._bi = bi
             return sums
 
-        rows = run_rows(self, units, mode, names, compute, out=out, resume=resume, callback=callback,
+        exact = units
+        if screen is not None:
+            from streamlens.skip.attribution import estimate_all
+
+            if isinstance(screen, bool) or not isinstance(screen, int) or not 1 <= screen <= len(units):
+                raise StreamlensError(f"screen={screen!r} must be between 1 and the {len(units)} units of the sweep")
+            estimates = estimate_all(self, units, mode)
+            exact = sorted(units, key=lambda u: -abs(estimates[u.label]))[:screen]
+            exact = [u for u in units if u in exact]
+        rows = run_rows(self, exact, mode, names, compute, out=out, resume=resume, callback=callback,
                         write=distributed.is_writer(shard))
+        screening = {}
+        if screen is not None:
+            from streamlens.skip.attribution import screened_rows
+            from streamlens.skip.sweeps import row_columns
+
+            rows, rho = screened_rows({r["unit"]: r for r in rows}, units, estimates, mode, row_columns(names),
+                                      int(self._count[:, 0].sum()))
+            screening = {"estimated": "delta_ce", "exact_units": screen, "rank_correlation": rho}
         bi = self.block_influence() if kind == "block" else None
         return sweep_table(kind, mode, names, rows, bi, self.model.name, self.n_docs, self.strategy,
-                           self.strategy_reason)
+                           self.strategy_reason, screening)
 
     def sweep_shard(self, unit="block", *, shard, out, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                     width=None, resume: bool = True) -> Path:

@@ -40,6 +40,7 @@ class SkipSweep(Result):
     strategy: str = "prefix"
     strategy_reason: str = ""
     spearman: dict[str, float] = field(default_factory=dict)
+    screening: dict[str, Any] = field(default_factory=dict)  # estimate vs exact, for sweep(screen=k)
 
     def __post_init__(self):
         missing = [c for c in ("unit", *self.metrics) if c not in self.table.columns]
@@ -56,10 +57,13 @@ class SkipSweep(Result):
 
     def metadata(self) -> dict[str, Any]:
         return {"model": self.model_name, "kind": self.kind, "mode": self.mode, "metrics": list(self.metrics),
-                "n_docs": self.n_docs, "strategy": self.strategy, "spearman": self.spearman}
+                "n_docs": self.n_docs, "strategy": self.strategy, "spearman": self.spearman, "screening": self.screening}
 
     def describe(self) -> str:
         rho = "".join(f" ρ(BI, {k}) = {fmt(v)};" for k, v in self.spearman.items())
+        if self.screening:
+            rho += (f" screened: exact for the top {self.screening['exact_units']} by estimated delta_ce, "
+                    f"rank correlation estimate/exact {fmt(self.screening['rank_correlation'])};")
         return f"{self.kind}, mode {self.mode}, {self.n_docs} documents, {self.strategy} strategy.{rho}"
 
     def __repr__(self) -> str:
@@ -89,16 +93,16 @@ def row_columns(names: list[str]) -> list[str]:
 
 
 def sweep_table(kind: str, mode: str, names, rows: list[dict], bi, model_name: str, n_docs: int, strategy: str,
-                reason: str) -> SkipSweep:
+                reason: str, screening: dict | None = None) -> SkipSweep:
     """The :class:`SkipSweep` of ``rows``; a block sweep adds Block Influence ``bi`` and its Spearman correlations."""
     table = pd.DataFrame(rows)
     rho = {}
     if kind == "block":
-        table.insert(len(table.columns) - 1, "block_influence", bi)
+        table.insert(list(table.columns).index("n_positions"), "block_influence", bi)
         rho = {k: spearman(table["block_influence"], table[k]) for k in names}
     keep = {c for k in names for c in (k, f"{k}_lo", f"{k}_hi")}  # a metric with no position stays, as NaN
     table = table[[c for c in table.columns if c in keep or table[c].notna().any()]]
-    return SkipSweep(kind, mode, tuple(names), table, model_name, n_docs, strategy, reason, rho)
+    return SkipSweep(kind, mode, tuple(names), table, model_name, n_docs, strategy, reason, rho, screening or {})
 
 
 def run_rows(ev, units: list[Unit], mode: str, names: list[str], compute, *, out=None, resume: bool = False,
