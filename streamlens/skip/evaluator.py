@@ -38,7 +38,6 @@ and says why (``evaluator.strategy_reason``).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,12 +54,15 @@ from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
 from streamlens.skip.docsums import DocSums, describe_positions, load_done, start_token, weights_checksum
-from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics
-from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, targets
+from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
+from streamlens.skip.tasks import Task
+from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
 from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, unit_columns
-from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask
+from streamlens.stream.inputs import check_batch_size, load_texts
 
 __all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
+
+from streamlens.skip.verbs import prune_sweep, skip_sweep  # noqa: E402  (the verbs, beside their evaluator)
 
 
 class LayerSkipEvaluator:
@@ -86,13 +88,16 @@ class LayerSkipEvaluator:
         memory_budget: bytes (or ``"2GB"``) the stacked variants of one pass may use; default: one
             variant per pass on a CPU (bit-for-bit the numbers of one removal alone), 1 GiB on a GPU
             (stacked numbers agree to float rounding; see :mod:`streamlens.skip.batched`).
+        target, contrast, choices: answer tokens of the task metrics ``logit_diff`` and ``mc_accuracy``
+            (a token for every document, or one per document; :mod:`streamlens.skip.tasks`).
         field: the text field of a JSONL file.
     """
 
     def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
                  topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
                  strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None,
-                 variants_per_pass: int | None = None, memory_budget=None):
+                 variants_per_pass: int | None = None, memory_budget=None, target=None, contrast=None,
+                 choices=None):
         self.model: Model = as_model(model)
         strategy = _renamed(path, strategy)
         if strategy not in STRATEGIES:
@@ -106,6 +111,7 @@ class LayerSkipEvaluator:
         if isinstance(positions, Tensor) and positions.dtype == torch.bool and positions.shape[0] != len(docs):
             raise StreamlensError(f"positions mask has {positions.shape[0]} rows for {len(docs)} documents")
         self.n_docs = len(docs)
+        self.task = Task(self.model, self.n_docs, target, contrast, choices)
         self.topk, self.mean_over, self.progress = topk, mean_over, progress
         self.variants_per_pass, self.memory_budget = variants_per_pass, memory_budget
         self.boot = resample_indices(self.n_docs, n_boot, seed)
@@ -114,23 +120,10 @@ class LayerSkipEvaluator:
         self.strategy, self.strategy_reason = (("naive", "strategy='naive' was asked for") if strategy == "naive"
                                                else ("prefix", ""))
         # Only token ids are kept: (lo, batch, selected positions) per batch.
-        self._data: list[tuple[int, Batch, Tensor]] = []
-        self._count = torch.zeros(self.n_docs, 2, dtype=torch.float64)
-        digest = hashlib.sha256()
-        for lo, chunk in batches(docs, batch_size):
-            enc = encode(self.model, chunk, max_tokens=max_tokens)
-            batch = Batch(enc.input_ids, enc.mask, ())
-            mine = positions[lo: lo + len(chunk)] if isinstance(positions, Tensor) else positions
-            sel = position_mask(batch, mine)
-            self._data.append((lo, batch, sel))
-            b_idx, _, has_target, _ = targets(self.model, batch, sel)
-            self._count[:, 0].index_add_(0, b_idx + lo, torch.ones(len(b_idx), dtype=torch.float64))
-            self._count[:, 1].index_add_(0, b_idx + lo, has_target.double())
-            for row, n in zip(batch.input_ids, batch.lengths):
-                digest.update(row[: int(n)].numpy().astype("<i8").tobytes() + b"|")
+        self._data, self._count, digest = tokenize(self.model, docs, batch_size, max_tokens, positions)
         if self._count[:, 0].sum() == 0:
             raise StreamlensError(f"no positions to measure: the {self.n_docs} documents have no selected non-padding positions")
-        self._settings = {"data": digest.hexdigest()[:16], "n_docs": self.n_docs, "max_tokens": max_tokens,
+        self._settings = {"data": digest, "n_docs": self.n_docs, "max_tokens": max_tokens,
                           "batch_size": batch_size, "positions": describe_positions(positions), "topk": topk,
                           "n_boot": n_boot, "seed": seed, "mean_over": mean_over}
         if strategy != "naive":
@@ -148,7 +141,7 @@ class LayerSkipEvaluator:
         return {"model": m.name, "weights": weights_checksum(m), "dtype": str(m.dtype).removeprefix("torch."),
                 "device": m.device.type, "start_token": start_token(m), **self._settings,
                 "mean_over": self.mean_over if mode == "mean" else None, "strategy": strategy or self.strategy,
-                "mode": mode, "metrics": list(names), "units": [u.label for u in units]}
+                "mode": mode, "metrics": list(names), "units": [u.label for u in units], **self.task.fingerprint(names)}
 
     def _stream(self, units: Sequence[Unit], mode: str, names: Sequence[str], *, strategy: str | None = None,
                 want_bi: bool = False, store: DocSums | None = None, done=None, shard=None, desc: str = "batches"):
@@ -164,6 +157,7 @@ class LayerSkipEvaluator:
         if mode == "mean":
             self.ensure_means()
         L = self.model.arch.n_layers
+        names = stored_names(names)
         sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
         bi = torch.zeros(L, self.n_docs, dtype=torch.float64) if want_bi else None
         done_units = {} if done is None else done.units
@@ -230,18 +224,24 @@ class LayerSkipEvaluator:
         """``(unit, {metric: per-row values})`` for each unit, removed on the clean batch ``c``."""
         if strategy != "prefix":
             for u in units:
-                yield u, row_metrics(c, *full(self.model, c, u, mode, self._means), names)
+                yield u, row_metrics(c, *full(self.model, c, u, mode, self._means), names, self.task)
             return
         b, p = c.batch.input_ids.shape
         g = variants_per_pass(self.model, b, p, len(c.doc), self.memory_budget, self.variants_per_pass)
         if g == 1:
             for u in units:
-                yield u, row_metrics(c, *tail(self.model, c, u, mode, self._means), names)
+                yield u, row_metrics(c, *tail(self.model, c, u, mode, self._means), names, self.task)
             return
         for i in range(0, len(units), g):
             group = list(units[i:i + g])
             for u, (lg, fin) in zip(group, stacked_tail(self.model, c, group, mode, self._means)):
-                yield u, row_metrics(c, lg, fin, names)
+                yield u, row_metrics(c, lg, fin, names, self.task)
+
+    def metric_names(self, metrics) -> list[str]:
+        """The columns of ``metrics``, checked (a task metric needs its answer tokens)."""
+        names = metric_names(metrics)
+        self.task.check(names, metrics)
+        return names
 
     def _units(self, unit) -> Unit:
         unit = unit if isinstance(unit, Unit) else combine([parse_unit(self.model, u) for u in
@@ -254,7 +254,7 @@ class LayerSkipEvaluator:
         """Per-document sums ``(docs,)`` of each metric for ``unit`` removed (see :meth:`evaluate`)."""
         unit = self._units(unit)
         check_mode(mode, unit)
-        names = metric_names(metrics)
+        names = self.metric_names(metrics)
         return self._stream([unit], mode, names, strategy=_renamed(path, strategy))[0][unit.label]
 
     def evaluate(self, unit, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
@@ -272,7 +272,7 @@ class LayerSkipEvaluator:
         units = [self._units(u) for u in units]
         for u in units:
             check_mode(mode, u)
-        names = metric_names(metrics)
+        names = self.metric_names(metrics)
         sums, _ = self._stream(units, mode, names, strategy=strategy)
         return [self.row(sums[u.label]) for u in units]
 
@@ -289,15 +289,8 @@ class LayerSkipEvaluator:
         total = self._count[:, 0].sum()
         return [float(self._bi[j].sum() / total) for j in range(self.model.arch.n_layers)]
 
-    @property
-    def path(self) -> str:
-        """The former name of :attr:`strategy`."""
-        return self.strategy
-
-    @property
-    def path_reason(self) -> str:
-        """The former name of :attr:`strategy_reason`."""
-        return self.strategy_reason
+    path = property(lambda self: self.strategy, doc="The former name of :attr:`strategy`.")
+    path_reason = property(lambda self: self.strategy_reason, doc="The former name of :attr:`strategy_reason`.")
 
     # ----------------------------------------------------------------------- sweeps
     def _sweep_units(self, unit, width) -> tuple[list[Unit], str]:
@@ -328,7 +321,7 @@ class LayerSkipEvaluator:
         ``delta_ce_estimate`` and ``exact``, and ``result.screening`` the rank correlation of estimate and
         exact value over the ``k`` units.
         """
-        names = metric_names(metrics)
+        names = self.metric_names(metrics)
         units, kind = self._sweep_units(unit, width)
         for u in units:
             check_mode(mode, u)
@@ -386,7 +379,7 @@ class LayerSkipEvaluator:
         """Greedy pruning curve: ``count`` times, remove the unit whose removal (with those already removed)
         hurts least by ``by``; one row per step (step 0 removes nothing). Each step is one streaming pass
         measuring every candidate."""
-        names = metric_names(metrics)
+        names = self.metric_names(metrics)
         by = METRICS.get(by, by)
         if by not in names:
             raise StreamlensError(f"by={by!r} must be one of the metrics computed: {names}")
@@ -395,32 +388,9 @@ class LayerSkipEvaluator:
         pool = all_units(self.model, unit)
         if not isinstance(count, int) or not 1 <= count <= len(pool):
             raise StreamlensError(f"count={count!r} must be between 1 and the {len(pool)} {unit} units of the model")
-        rows = greedy_prune(self, pool, count, mode, names, by, HIGHER_IS_WORSE[by])
+        rows = greedy_prune(self, pool, count, mode, names, by, HIGHER_IS_WORSE.get(by, True))
         return SkipSweep("prune", mode, tuple(names), pd.DataFrame(rows), self.model.name, self.n_docs, self.strategy,
                          self.strategy_reason)
-
-
-def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
-               width=None, out=None, resume: bool = False, callback=None, prune: int | None = None,
-               **evaluator_kwargs) -> SkipSweep:
-    """Remove each unit in turn and measure the damage (:meth:`LayerSkipEvaluator.sweep`); see
-    :class:`LayerSkipEvaluator` for the data options (``max_tokens``, ``batch_size``, ``positions``, ...).
-
-    ``prune=`` is deprecated: greedy pruning is its own verb, :func:`prune_sweep`.
-    """
-    if prune is not None:
-        warnings.warn("skip_sweep(prune=N) is now prune_sweep(model, data, N)", DeprecationWarning, stacklevel=2)
-        return prune_sweep(model, data, prune, unit=unit, mode=mode, metrics=metrics, **evaluator_kwargs)
-    ev = LayerSkipEvaluator(model, data, **evaluator_kwargs)
-    return ev.sweep(unit, mode=mode, metrics=metrics, width=width, out=out, resume=resume, callback=callback)
-
-
-def prune_sweep(model, data, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
-                metrics: Sequence[str] = ("kl", "ce", "top1"), **evaluator_kwargs) -> SkipSweep:
-    """Greedy pruning curve (:meth:`LayerSkipEvaluator.prune`): ``count`` steps, each removing the unit that
-    hurts least by ``by`` together with those already removed; one row per step."""
-    ev = LayerSkipEvaluator(model, data, **evaluator_kwargs)
-    return ev.prune(count, unit=unit, mode=mode, by=by, metrics=metrics)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,10 +27,16 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.stream.engine import check_finite
 
-#: Metric names a user may ask for -> the column they fill ("ce" is delta_ce).
-METRICS = {"kl": "kl", "ce": "delta_ce", "delta_ce": "delta_ce", "top1": "top1", "topk": "topk", "angle": "angle"}
+#: Metric names a user may ask for -> the column they fill ("ce" is delta_ce). Task metrics
+#: (:mod:`streamlens.skip.tasks`): ``logit_diff`` (retained fraction of the clean logit difference) and
+#: ``mc_accuracy`` (multiple-choice accuracy); a callable is a user-supplied metric.
+METRICS = {"kl": "kl", "ce": "delta_ce", "delta_ce": "delta_ce", "top1": "top1", "topk": "topk", "angle": "angle",
+           "logit_diff": "logit_diff", "mc_accuracy": "mc_accuracy"}
 #: Whether a larger value of a metric means more damage.
-HIGHER_IS_WORSE = {"kl": True, "delta_ce": True, "top1": False, "topk": False, "angle": True}
+HIGHER_IS_WORSE = {"kl": True, "delta_ce": True, "top1": False, "topk": False, "angle": True, "logit_diff": False,
+                   "mc_accuracy": False}
+#: A metric whose per-document sums are divided by another sum instead of a position count.
+RATIO_OF = {"logit_diff": "logit_diff_clean"}
 
 
 def kl(clean_logp: Float[Tensor, "n vocab"], ablated_logp: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
@@ -97,15 +103,16 @@ def ratio_bootstrap(
     """``(estimate, lo, hi)`` of ``sum(sums) / sum(counts)`` with a percentile bootstrap over documents.
 
     Resampling whole documents keeps the positions of one document together (they are correlated).
-    A replicate with no positions is dropped; with no positions at all the result is NaN.
+    A replicate with no positions (a zero denominator) is dropped; with no positions at all the result is
+    NaN. Denominators may be negative (the clean logit differences of ``logit_diff``).
     """
     sums, counts = sums.double(), counts.double()
     total = counts.sum()
-    if total <= 0:
+    if total == 0:
         return float("nan"), float("nan"), float("nan")
     est = float(sums.sum() / total)
     s, c = sums[idx].sum(-1), counts[idx].sum(-1)  # (n_boot,)
-    keep = c > 0
+    keep = c != 0
     if not bool(keep.any()):
         return est, float("nan"), float("nan")
     reps = s[keep] / c[keep]
@@ -127,11 +134,18 @@ def spearman(x, y) -> float:
 
 
 def metric_names(metrics) -> list[str]:
-    """The columns for ``metrics`` (a name or a list of names), checked, without duplicates."""
-    if isinstance(metrics, str):
+    """The columns for ``metrics`` (a name or a list of names; a callable counts by its ``__name__``),
+    checked, without duplicates."""
+    if isinstance(metrics, str) or callable(metrics):
         metrics = [metrics]
     names = []
     for k in metrics:
+        if callable(k):
+            name = getattr(k, "__name__", "")
+            if not name.isidentifier() or name in METRICS or name in names:
+                raise StreamlensError(f"a metric function needs a unique name (its __name__), not {name!r}")
+            names.append(name)
+            continue
         if k not in METRICS:
             raise StreamlensError(f"unknown metric {k!r}; choose from {sorted(set(METRICS) - {'delta_ce'})}")
         if METRICS[k] not in names:
@@ -141,7 +155,12 @@ def metric_names(metrics) -> list[str]:
     return names
 
 
-def row_metrics(clean, lg: Tensor, fin: Tensor, names) -> dict[str, Tensor]:
+def stored_names(names) -> list[str]:
+    """``names`` and the extra per-document sums their ratios need (``logit_diff_clean`` for ``logit_diff``)."""
+    return list(names) + [RATIO_OF[k] for k in names if k in RATIO_OF]
+
+
+def row_metrics(clean, lg: Tensor, fin: Tensor, names, task=None) -> dict[str, Tensor]:
     """Each metric of ``names`` per selected row: ablated logits ``lg`` and final residual ``fin`` against ``clean``.
 
     ``clean`` carries the clean pass of the batch (``logp``, ``top1``, ``top``, ``final``, ``target``,
@@ -163,4 +182,6 @@ def row_metrics(clean, lg: Tensor, fin: Tensor, names) -> dict[str, Tensor]:
         out["topk"] = (clean.top[:, :, None] == other[:, None, :]).any(-1).float().mean(-1)
     if "angle" in names:
         out["angle"] = angle(clean.final, fin)
+    if task is not None:
+        out.update(task.values(clean, lg, names))
     return out

@@ -23,7 +23,7 @@ from streamlens.errors import StreamlensError
 from streamlens.intervene.units import check_mode
 from streamlens.skip import distributed
 from streamlens.skip.docsums import DocSums, check_fingerprint, read_file
-from streamlens.skip.metrics import metric_names, resample_indices
+from streamlens.skip.metrics import resample_indices, stored_names
 from streamlens.skip.rowstore import check_out, write_row
 from streamlens.skip.sweeps import SkipSweep, metric_row, row_columns, sweep_table, unit_columns
 
@@ -32,7 +32,7 @@ def run_shard(ev, unit="block", *, shard, out, mode: str = "skip", metrics: Sequ
               width=None, resume: bool = True) -> Path:
     """Job ``i`` of ``n`` (``shard=(i, n)`` or ``"i/n"``) of ``ev``'s sweep: measure its batches and write their
     per-document sums to ``out`` (``.jsonl``). Re-running the job continues its file."""
-    names = metric_names(metrics)
+    names = ev.metric_names(metrics)
     units, kind = ev._sweep_units(unit, width)
     for u in units:
         check_mode(mode, u)
@@ -83,9 +83,10 @@ def merge_shards(paths: Sequence, out=None) -> SkipSweep:
         raise StreamlensError(f"shards {missing} of {n} are missing: pass all {n} files")
     fp = head["fingerprint"]
     names, n_docs = head["metrics"], fp["n_docs"]
+    stored = stored_names(names)
     labels = [u["unit"] for u in head["units"]]
     count = torch.tensor(head["count"], dtype=torch.float64).T  # (docs, 2)
-    sums = {lab: {k: torch.zeros(n_docs, dtype=torch.float64) for k in names} for lab in labels}
+    sums = {lab: {k: torch.zeros(n_docs, dtype=torch.float64) for k in stored} for lab in labels}
     n_layers = None
     bi = None
     for b, lo in enumerate(head["batch_starts"]):
@@ -97,7 +98,7 @@ def merge_shards(paths: Sequence, out=None) -> SkipSweep:
             if got is None:
                 raise StreamlensError(f"{by_index[i].name} lacks unit {lab!r} on documents {lo}..{hi - 1}: "
                                       "that job has not finished (run it again to continue it)")
-            for k in names:
+            for k in stored:
                 sums[lab][k][lo:hi] = got[k]
         if head["kind"] == "block":
             if lo not in c.batches:

@@ -57,6 +57,27 @@ def targets(model, batch: Batch, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return b_idx, p_idx, has_target, target
 
 
+def tokenize(model, docs, batch_size: int, max_tokens, positions) -> tuple[list, Tensor, str]:
+    """``[(first document, Batch, selected positions)]`` per batch (token ids only), the per-document counts
+    ``(docs, 2)`` of selected positions and of those with a next token, and a hash of the token ids."""
+    import hashlib
+
+    from streamlens.stream.inputs import batches, encode, position_mask
+
+    data, count, digest = [], torch.zeros(len(docs), 2, dtype=torch.float64), hashlib.sha256()
+    for lo, chunk in batches(docs, batch_size):
+        enc = encode(model, chunk, max_tokens=max_tokens)
+        batch = Batch(enc.input_ids, enc.mask, ())
+        sel = position_mask(batch, positions[lo: lo + len(chunk)] if isinstance(positions, Tensor) else positions)
+        data.append((lo, batch, sel))
+        b_idx, _, has_target, _ = targets(model, batch, sel)
+        count[:, 0].index_add_(0, b_idx + lo, torch.ones(len(b_idx), dtype=torch.float64))
+        count[:, 1].index_add_(0, b_idx + lo, has_target.double())
+        for row, n in zip(batch.input_ids, batch.lengths):
+            digest.update(row[: int(n)].numpy().astype("<i8").tobytes() + b"|")
+    return data, count, digest.hexdigest()[:16]
+
+
 def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks: bool = True) -> CleanBatch:
     """The model's own forward on ``batch``, with each block's input and call arguments recorded."""
     m, L = model, model.arch.n_layers

@@ -18,7 +18,7 @@ import pandas as pd
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Unit, combine
 from streamlens.present.results import Result, fmt
-from streamlens.skip.metrics import ratio_bootstrap, spearman
+from streamlens.skip.metrics import RATIO_OF, ratio_bootstrap, spearman
 from streamlens.skip.rowstore import check_out, read_rows, write_row
 
 
@@ -81,7 +81,9 @@ def metric_row(sums: dict, count, boot) -> dict:
     (selected positions, positions with a next token), resampling documents with ``boot``."""
     row: dict[str, Any] = {}
     for k, s in sums.items():
-        cnt = count[:, 1 if k == "delta_ce" else 0]
+        if k in RATIO_OF.values():
+            continue
+        cnt = sums[RATIO_OF[k]] if k in RATIO_OF else count[:, 1 if k == "delta_ce" else 0]
         row[k], row[f"{k}_lo"], row[f"{k}_hi"] = ratio_bootstrap(s, cnt, boot)
     row["n_positions"] = int(count[:, 0].sum())
     return row
