@@ -148,7 +148,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"wrote {path} (shard {args.shard}); join the shards with: streamlens merge FILES --out TABLE",
               file=sys.stderr)
         return 0
-    res = ev.sweep(args.unit, out=args.out, resume=args.resume, **kw)
+    res = ev.sweep(args.unit, out=args.out, resume=args.resume, screen=args.screen, **kw)
     if rank == 0:
         print(text_table(res.to_dataframe()))
         if args.out:
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from what --out and its document sums hold")
     p.add_argument("--shard", help="i/n: run job i of n independent jobs (writes document sums to --out, a .jsonl; "
                    "join them with 'streamlens merge'); under torchrun the ranks share the work without it")
+    p.add_argument("--screen", type=int, default=None, help="estimate every unit (attribution patching) and compute "
+                   "exact numbers only for the K with the largest estimated effect")
     p.add_argument("--variants-per-pass", type=int, default=None, help="removals stacked into one forward pass")
     p.add_argument("--memory-budget", default=None, help="bytes the stacked removals may use, e.g. 2GB "
                    "(default: 1 per pass on a CPU, 1GB on a GPU)")

@@ -116,3 +116,9 @@ def test_shard_jobs_merge_to_the_single_process_table(tiny_models, tmp_path, cap
     assert main(["merge", str(files[0]), str(files[1]), str(files[2]), "--out", str(tmp_path / "cli.csv")]) == 0
     _same_table(pd.read_csv(tmp_path / "cli.csv"), pd.read_csv(tmp_path / "head.csv"))
     assert main(["merge", str(files[0])]) == 1 and "missing" in capsys.readouterr().err
+
+
+def test_merge_has_help_with_an_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--help"])
+    assert e.value.code == 0 and "streamlens merge part0.jsonl" in capsys.readouterr().out

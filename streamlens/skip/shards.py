@@ -103,11 +103,11 @@ def merge_shards(paths: Sequence, out=None) -> SkipSweep:
         if head["kind"] == "block":
             if lo not in c.batches:
                 raise StreamlensError(f"{by_index[i].name} lacks the clean pass of documents {lo}..{hi - 1}")
-            stored = c.batches[lo][1]
+            batch_bi = c.batches[lo][1]
             if bi is None:
-                n_layers = stored.shape[0]
+                n_layers = batch_bi.shape[0]
                 bi = torch.zeros(n_layers, n_docs, dtype=torch.float64)
-            bi[:, lo:hi] = stored
+            bi[:, lo:hi] = batch_bi
     boot = resample_indices(n_docs, fp["n_boot"], fp["seed"])
     columns = row_columns(names)
     rows = []
