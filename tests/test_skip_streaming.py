@@ -200,3 +200,24 @@ def test_damaged_files_are_one_line_errors(tiny_models, tmp_path):
     (tmp_path / "g.jsonl").unlink()
     with pytest.raises(sl.StreamlensError, match=f"line {len(lines) + 1}: duplicate"):
         ev.sweep("block", out=tmp_path / "g.jsonl", resume=True)
+
+
+def test_low_precision_and_device_map(tiny_dirs, tiny_models):
+    """bfloat16: the replay repeats the model's own arithmetic (removing nothing changes nothing) and the
+    metrics are float32/float64; device_map passes through to the bridge and changes no number."""
+    folder = str(tiny_dirs("llama"))
+    bf = sl.load(folder, dtype="bfloat16")
+    assert bf.dtype == torch.bfloat16
+    ev = sl.LayerSkipEvaluator(bf, TEXTS, **_kw())
+    assert ev.strategy == "prefix"
+    nothing = ev.evaluate([], metrics=ALL)
+    assert abs(nothing["kl"]) <= 1e-6 and nothing["top1"] == 1.0 and abs(nothing["angle"]) <= 1e-6
+    df = ev.sweep("head", mode="mean", metrics=ALL).to_dataframe()
+    assert df["kl"].notna().all() and (df["kl"] >= 0).all() and df["kl"].max() > 1e-5
+    mapped = sl.load(folder, device_map={"": "cpu"})
+    a = sl.LayerSkipEvaluator(mapped, TEXTS, **_kw()).sweep("block", metrics=ALL).to_dataframe()
+    b = sl.LayerSkipEvaluator(tiny_models("llama"), TEXTS, **_kw()).sweep("block", metrics=ALL).to_dataframe()
+    for col in a.columns:
+        assert list(a[col]) == list(b[col]), col
+    with pytest.raises(sl.StreamlensError, match="exclusive"):
+        sl.load(folder, device="cpu", device_map="auto")
