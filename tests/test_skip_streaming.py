@@ -60,8 +60,9 @@ def test_positions_and_batch_sizes_equal_the_old_evaluator(tiny_models, position
     assert ev.prune(2, unit="attn").to_dataframe()["removed"].iloc[2].count("+") == 1
 
 
-def test_stacked_variants_equal_one_variant_per_pass(tiny_models):
-    m = tiny_models("neox")
+@pytest.mark.parametrize("arch", ["neox", "opt", "gemma2"])
+def test_stacked_variants_equal_one_variant_per_pass(tiny_models, arch):
+    m = tiny_models(arch)
     one = sl.LayerSkipEvaluator(m, TEXTS, variants_per_pass=1, **_kw())
     budget = sl.LayerSkipEvaluator(m, TEXTS, memory_budget="64MB", **_kw())
     tiny = sl.LayerSkipEvaluator(m, TEXTS, memory_budget=1, **_kw())  # one variant per pass from the budget

@@ -183,7 +183,8 @@ class LayerSkipEvaluator:
             if not todo and not need_bi:
                 continue
             with torch.no_grad():
-                c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=strategy == "prefix" and bool(todo))
+                c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=strategy == "prefix" and bool(todo),
+                               keep_logits=self.task.needs_logits(names))
                 if need_bi:
                     for j in range(L):
                         bi[j].index_add_(0, c.doc.cpu(), c.bi[j])

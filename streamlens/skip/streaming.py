@@ -39,7 +39,7 @@ class CleanBatch:
     top1: Tensor  # (n,) clean argmax
     top: Tensor  # (n, k) clean top-k ids
     final: Tensor  # (n, d) clean final residual
-    logits: Tensor  # (n, vocab) clean logits (float32), for task metrics
+    logits: Tensor | None  # (n, vocab) clean logits (float32), for task metrics (None when none is asked)
     bi: Tensor  # (L, n) float64: each block's 1 - cos(resid_pre, resid_post) at the selected rows
     resid: list[Tensor] | None = None  # L+1 tensors (b, p, d): each block's input, then the final residual
     calls: list[tuple] | None = None  # per block: (args after the hidden state, kwargs)
@@ -78,8 +78,10 @@ def tokenize(model, docs, batch_size: int, max_tokens, positions) -> tuple[list,
     return data, count, digest.hexdigest()[:16]
 
 
-def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks: bool = True) -> CleanBatch:
-    """The model's own forward on ``batch``, with each block's input and call arguments recorded."""
+def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks: bool = True,
+               keep_logits: bool = True) -> CleanBatch:
+    """The model's own forward on ``batch``, with each block's input and call arguments recorded
+    (``keep_logits=False``: the clean logits themselves are not kept, only their log-softmax)."""
     m, L = model, model.arch.n_layers
     resid: list[Tensor | None] = [None] * (L + 1)
     calls: list[tuple | None] = [None] * L
@@ -105,13 +107,15 @@ def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks
     _, _, has_target, target = targets(m, batch, sel)
     doc = sel.nonzero(as_tuple=True)[0] + lo
     lg = logits[sel].float()
+    del logits  # (b, p, vocab): the selected rows are all that is needed
     k = min(topk, lg.shape[-1])
     bi = torch.stack([block_influence(resid[j][sel.to(resid[j].device)], resid[j + 1][sel.to(resid[j].device)]).cpu()
                       for j in range(L)]).double() if all(r is not None for r in resid) else torch.zeros(L, len(doc))
     ok = keep_blocks and all(r is not None for r in resid) and all(c is not None and c[1] is not None for c in calls)
     fin = resid[L][sel.to(resid[L].device)].float()
     return CleanBatch(batch, sel, doc, has_target, target, torch.log_softmax(lg, -1), lg.argmax(-1),
-                      lg.topk(k, -1).indices, fin, lg, bi, resid if ok else None, calls if ok else None)
+                      lg.topk(k, -1).indices, fin, lg if keep_logits else None, bi, resid if ok else None,
+                      calls if ok else None)
 
 
 def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start: int | None = None) -> tuple[Tensor, Tensor]:

@@ -57,6 +57,10 @@ class Task:
         for f in ([metrics] if callable(metrics) else [m for m in metrics if callable(m)]):
             self.fns[f.__name__] = f
 
+    def needs_logits(self, names: Sequence[str]) -> bool:
+        """Whether a metric of ``names`` reads the clean logits (the clean pass then keeps them)."""
+        return "logit_diff" in names or any(n in self.fns for n in names)
+
     def fingerprint(self, names: Sequence[str]) -> dict:
         out = {}
         for k, v in (("target", self.target), ("contrast", self.contrast), ("choices", self.choices)):
