@@ -222,3 +222,22 @@ def test_low_precision_and_device_map(tiny_dirs, tiny_models):
         assert list(a[col]) == list(b[col]), col
     with pytest.raises(sl.StreamlensError, match="exclusive"):
         sl.load(folder, device="cpu", device_map="auto")
+
+
+def test_pruning_curve_equals_the_old_evaluator(tiny_models):
+    """The greedy curve, each step one streaming pass over every candidate, against the old evaluator's
+    one-unit-at-a-time evaluation driving the same greedy search."""
+    from types import SimpleNamespace
+
+    from streamlens.intervene.units import all_units
+    from streamlens.skip.sweeps import greedy_prune
+
+    m = tiny_models("llama")
+    old = OldEvaluator(m, TEXTS, **_kw())
+    drive = SimpleNamespace(progress=False, evaluate=old.evaluate,
+                            evaluate_many=lambda us, mode, names: [old.evaluate(u, mode, names) for u in us])
+    want = greedy_prune(drive, all_units(m, "head"), 3, "mean", ["kl", "delta_ce", "top1"], "kl", True)
+    got = sl.LayerSkipEvaluator(m, TEXTS, **_kw()).prune(3, unit="head", mode="mean").to_dataframe()
+    assert list(got["removed"]) == [r["removed"] for r in want]
+    for col in ("kl", "kl_lo", "kl_hi", "delta_ce", "top1_hi"):
+        assert list(got[col]) == [r[col] for r in want], col
