@@ -49,7 +49,7 @@ from torch import Tensor
 
 from streamlens.errors import StreamlensError
 from streamlens.intervene.means import mean_writes
-from streamlens.intervene.units import KINDS, Unit, all_units, check_mode, combine, parse_unit
+from streamlens.intervene.units import Unit, all_units, check_mode, combine, parse_unit
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
@@ -57,7 +57,7 @@ from streamlens.skip.docsums import DocSums, describe_positions, load_done, star
 from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
-from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, unit_columns
+from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
 from streamlens.stream.inputs import check_batch_size, load_texts
 
 __all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
@@ -294,17 +294,6 @@ class LayerSkipEvaluator:
     path_reason = property(lambda self: self.strategy_reason, doc="The former name of :attr:`strategy_reason`.")
 
     # ----------------------------------------------------------------------- sweeps
-    def _sweep_units(self, unit, width) -> tuple[list[Unit], str]:
-        if isinstance(unit, str) and unit in KINDS:
-            if unit == "span":
-                if width is None:
-                    raise StreamlensError("unit='span' needs width=k (or a list of widths)")
-                widths = [width] if isinstance(width, int) else list(width)
-                return [u for w in widths for u in all_units(self.model, "span", w)], unit
-            return all_units(self.model, unit), unit
-        specs = unit if isinstance(unit, list) else [unit]
-        return [combine([parse_unit(self.model, u) for u in specs])], "set"
-
     def sweep(self, unit="block", *, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
               width: int | Sequence[int] | None = None, out: str | Path | None = None, resume: bool = False,
               callback: Callable[[dict], None] | None = None, screen: int | None = None) -> SkipSweep:
@@ -323,7 +312,7 @@ class LayerSkipEvaluator:
         exact value over the ``k`` units.
         """
         names = self.metric_names(metrics)
-        units, kind = self._sweep_units(unit, width)
+        units, kind = sweep_units(self.model, unit, width)
         for u in units:
             check_mode(mode, u)
         shard = distributed.current()

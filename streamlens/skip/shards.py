@@ -25,7 +25,7 @@ from streamlens.skip import distributed
 from streamlens.skip.docsums import DocSums, check_fingerprint, read_file
 from streamlens.skip.metrics import resample_indices, stored_names
 from streamlens.skip.rowstore import check_out, write_row
-from streamlens.skip.sweeps import SkipSweep, metric_row, row_columns, sweep_table, unit_columns
+from streamlens.skip.sweeps import SkipSweep, metric_row, row_columns, sweep_table, sweep_units, unit_columns
 
 
 def run_shard(ev, unit="block", *, shard, out, mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
@@ -33,7 +33,7 @@ def run_shard(ev, unit="block", *, shard, out, mode: str = "skip", metrics: Sequ
     """Job ``i`` of ``n`` (``shard=(i, n)`` or ``"i/n"``) of ``ev``'s sweep: measure its batches and write their
     per-document sums to ``out`` (``.jsonl``). Re-running the job continues its file."""
     names = ev.metric_names(metrics)
-    units, kind = ev._sweep_units(unit, width)
+    units, kind = sweep_units(ev.model, unit, width)
     for u in units:
         check_mode(mode, u)
     sh = distributed.current(shard)

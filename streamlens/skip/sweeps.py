@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from streamlens.errors import StreamlensError
-from streamlens.intervene.units import Unit, combine
+from streamlens.intervene.units import KINDS, Unit, all_units, combine, parse_unit
 from streamlens.present.results import Result, fmt
 from streamlens.skip.metrics import RATIO_OF, ratio_bootstrap, spearman
 from streamlens.skip.rowstore import check_out, read_rows, write_row
@@ -69,6 +69,19 @@ class SkipSweep(Result):
     def __repr__(self) -> str:
         return (f"SkipSweep({self.kind}, mode={self.mode!r}, {len(self.table)} rows, metrics={list(self.metrics)}, "
                 f"model={self.model_name!r}, strategy={self.strategy!r})")
+
+
+def sweep_units(model, unit, width) -> tuple[list[Unit], str]:
+    """The units of a sweep (every unit of a kind, every span of ``width``, or one explicit set) and its kind."""
+    if isinstance(unit, str) and unit in KINDS:
+        if unit == "span":
+            if width is None:
+                raise StreamlensError("unit='span' needs width=k (or a list of widths)")
+            widths = [width] if isinstance(width, int) else list(width)
+            return [u for w in widths for u in all_units(model, "span", w)], unit
+        return all_units(model, unit), unit
+    specs = unit if isinstance(unit, list) else [unit]
+    return [combine([parse_unit(model, u) for u in specs])], "set"
 
 
 def unit_columns(u: Unit) -> dict:
