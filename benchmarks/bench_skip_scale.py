@@ -2,7 +2,7 @@
 
     python benchmarks/bench_skip_scale.py memory  --docs 8 32 128 --tokens 256   # peak RSS vs documents
     python benchmarks/bench_skip_scale.py hand    --docs 4 --tokens 128          # vs a hand-written HF loop
-    python benchmarks/bench_skip_scale.py batched --docs 4 --tokens 64           # stacked vs one per pass
+    python benchmarks/bench_skip_scale.py batched --docs 4 --tokens 64 --unit block   # stacked vs one per pass
     python benchmarks/bench_skip_scale.py torchrun --docs 8 --tokens 64          # 2 gloo processes vs 1
     python benchmarks/bench_skip_scale.py screen  --docs 2 --tokens 64 --top 27  # exact-all vs screened heads
 
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--old-max", type=int, default=16, help="largest document count run with main's evaluator")
     p.add_argument("--budget", default="1GB")
-    p.add_argument("--unit", default="head")
+    p.add_argument("--unit", default="block")
     p.add_argument("--top", type=int, default=27)
     args = p.parse_args(argv)
     defaults = {"memory": ([8, 32, 128], 256), "hand": ([4], 128), "batched": ([4], 64), "torchrun": ([8], 64),
