@@ -181,12 +181,6 @@ def weights_checksum(model) -> str:
     return h.hexdigest()[:16]
 
 
-def start_token(model):
-    """Whether the tokenizer prepends a start token (changes every position's numbers)."""
-    tok = model.tokenizer
-    return None if tok is None else getattr(tok, "add_bos_token", None)
-
-
 def load_done(path: Path, header: dict, resume: bool) -> Contents:
     """The finished (batch, unit) sums of every ``<path>.docsums-*.jsonl`` (all ranks' files), checked
     against this run's ``header``."""

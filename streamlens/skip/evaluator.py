@@ -53,7 +53,7 @@ from streamlens.intervene.units import Unit, all_units, check_mode, combine, par
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
-from streamlens.skip.docsums import DocSums, describe_positions, load_done, start_token, weights_checksum
+from streamlens.skip.docsums import DocSums, describe_positions, load_done, weights_checksum
 from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
@@ -91,13 +91,15 @@ class LayerSkipEvaluator:
         target, contrast, choices: answer tokens of the task metrics ``logit_diff`` and ``mc_accuracy``
             (a token for every document, or one per document; :mod:`streamlens.skip.tasks`).
         field: the text field of a JSONL file.
+        prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
+            has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
     """
 
     def __init__(self, model, data, *, max_tokens: int | None = None, batch_size: int = 8, positions=None,
                  topk: int = 5, n_boot: int = 1000, seed: int = 0, mean_over: str = "position",
                  strategy: str = "auto", field: str = "text", progress: bool = True, path: str | None = None,
                  variants_per_pass: int | None = None, memory_budget=None, target=None, contrast=None,
-                 choices=None):
+                 choices=None, prepend_bos: bool | None = None):
         self.model: Model = as_model(model)
         strategy = _renamed(path, strategy)
         if strategy not in STRATEGIES:
@@ -120,12 +122,13 @@ class LayerSkipEvaluator:
         self.strategy, self.strategy_reason = (("naive", "strategy='naive' was asked for") if strategy == "naive"
                                                else ("prefix", ""))
         # Only token ids are kept: (lo, batch, selected positions) per batch.
-        self._data, self._count, digest = tokenize(self.model, docs, batch_size, max_tokens, positions)
+        self._data, self._count, digest = tokenize(self.model, docs, batch_size, max_tokens, positions,
+                                                         prepend_bos)
         if self._count[:, 0].sum() == 0:
             raise StreamlensError(f"no positions to measure: the {self.n_docs} documents have no selected non-padding positions")
         self._settings = {"data": digest, "n_docs": self.n_docs, "max_tokens": max_tokens,
                           "batch_size": batch_size, "positions": describe_positions(positions), "topk": topk,
-                          "n_boot": n_boot, "seed": seed, "mean_over": mean_over}
+                          "n_boot": n_boot, "seed": seed, "mean_over": mean_over, "prepend_bos": prepend_bos}
         if strategy != "naive":
             lo, batch, sel = self._data[0]
             reason = check_prefix(self.model, clean_pass(self.model, batch, sel, lo, topk))
@@ -139,7 +142,7 @@ class LayerSkipEvaluator:
         """Everything that changes a number of a sweep: model, data, settings, mode, metrics, units."""
         m = self.model
         return {"model": m.name, "weights": weights_checksum(m), "dtype": str(m.dtype).removeprefix("torch."),
-                "device": m.device.type, "start_token": start_token(m), **self._settings,
+                "device": m.device.type, **self._settings,
                 "mean_over": self.mean_over if mode == "mean" else None, "strategy": strategy or self.strategy,
                 "mode": mode, "metrics": list(names), "units": [u.label for u in units], **self.task.fingerprint(names)}
 

@@ -57,7 +57,7 @@ def targets(model, batch: Batch, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return b_idx, p_idx, has_target, target
 
 
-def tokenize(model, docs, batch_size: int, max_tokens, positions) -> tuple[list, Tensor, str]:
+def tokenize(model, docs, batch_size: int, max_tokens, positions, prepend_bos=None) -> tuple[list, Tensor, str]:
     """``[(first document, Batch, selected positions)]`` per batch (token ids only), the per-document counts
     ``(docs, 2)`` of selected positions and of those with a next token, and a hash of the token ids."""
     import hashlib
@@ -66,7 +66,7 @@ def tokenize(model, docs, batch_size: int, max_tokens, positions) -> tuple[list,
 
     data, count, digest = [], torch.zeros(len(docs), 2, dtype=torch.float64), hashlib.sha256()
     for lo, chunk in batches(docs, batch_size):
-        enc = encode(model, chunk, max_tokens=max_tokens)
+        enc = encode(model, chunk, max_tokens=max_tokens, prepend_bos=prepend_bos)
         batch = Batch(enc.input_ids, enc.mask, ())
         sel = position_mask(batch, positions[lo: lo + len(chunk)] if isinstance(positions, Tensor) else positions)
         data.append((lo, batch, sel))

@@ -7,8 +7,10 @@ import warnings
 from collections.abc import Sequence
 
 from streamlens.skip.sweeps import SkipSweep
+from streamlens.stream.inputs import recorded
 
 
+@recorded
 def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequence[str] = ("kl", "ce", "top1"),
                width=None, out=None, resume: bool = False, callback=None, prune: int | None = None,
                **evaluator_kwargs) -> SkipSweep:
@@ -26,6 +28,7 @@ def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequen
     return ev.sweep(unit, mode=mode, metrics=metrics, width=width, out=out, resume=resume, callback=callback)
 
 
+@recorded
 def prune_sweep(model, data, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
                 metrics: Sequence[str] = ("kl", "ce", "top1"), **evaluator_kwargs) -> SkipSweep:
     """Greedy pruning curve (:meth:`LayerSkipEvaluator.prune`): ``count`` steps, each removing the unit that
