@@ -160,7 +160,8 @@ def bench_torchrun(args) -> None:
         times = {}
         for name, prefix in (("1 process", [sys.executable, "-m", "streamlens"]),
                              ("2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                              "--master-port", "0", "-m", "streamlens"])):
+                                              "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                                              "-m", "streamlens"])):
             t0 = time.perf_counter()
             r = subprocess.run([*prefix, *common, "--out", str(Path(d) / f"{name[0]}.csv")], env=env,
                                capture_output=True, text=True)
