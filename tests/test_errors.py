@@ -356,8 +356,11 @@ def test_skip_metrics_refuse_non_finite_ablated_logits(llama):
     """A removal whose logits hold NaN gives an error, never top1 = 1.0 beside kl = nan."""
     from streamlens.skip.metrics import row_metrics
 
+    from streamlens.skip.streaming import clean_pass
+
     ev = sl.LayerSkipEvaluator(llama, TEXTS, max_tokens=8, progress=False, n_boot=10)
-    clean = ev.batches[0][1]
+    lo, batch, sel = ev.data_batches[0]  # the evaluator streams: one batch's clean pass, made here
+    clean = clean_pass(llama, batch, sel, lo, 5)
     lg = clean.logp.exp().log().clone()
     lg[0, 0] = float("nan")
     fine = row_metrics(clean, clean.logp, clean.final, ("kl", "top1"))
