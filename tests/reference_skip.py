@@ -178,7 +178,7 @@ class OldEvaluator:
                 out = m.bridge.blocks[j](x, *args, **kwargs)
                 x = out[0] if isinstance(out, tuple) else out
             xs = x[c.sel]
-            logits = m.bridge.unembed(m.bridge.ln_final(xs))
+            logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs)))
         return logits.float(), xs.float()
 
     def _full(self, c: CleanBatch, unit: Unit, mode: str) -> tuple[Tensor, Tensor]:

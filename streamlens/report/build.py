@@ -281,9 +281,11 @@ def _section_sweep(run: _Run, texts: list[str], *, unit: str, batch_size: int, m
     title = f"Skip sweep: each {unit} removed in turn"
     rows = run.out_dir / SWEEP_ROWS  # written row by row as the sweep runs
     rows.unlink(missing_ok=True)  # only there with force=True (checked before the run began)
+    for stale in run.out_dir.glob(SWEEP_ROWS + ".docsums-*.jsonl"):  # the sweep's per-document sums, same rule
+        stale.unlink()
     res = skip_sweep(run.model, texts, unit=unit, metrics=("kl", "ce", "top1"), batch_size=batch_size,
                      max_tokens=max_tokens, progress=run.progress, out=rows, prepend_bos=run.prepend_bos)
-    run.files.append(rows)
+    run.files += [rows, *run.out_dir.glob(SWEEP_ROWS + ".docsums-*.jsonl")]
     df = res.to_dataframe()
     run.csv("skip_sweep", df)
     run.html.section(title)

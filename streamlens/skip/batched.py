@@ -153,7 +153,7 @@ def stacked_tail(model, c, units: Sequence[Unit], mode: str, means: dict | None)
         x = x.to(c.resid[L].device)
         sel = c.sel.to(x.device)
         xs = x.reshape(len(plan), b, p, x.shape[-1])[:, sel]  # (variants, rows, d)
-        logits = m.bridge.unembed(m.bridge.ln_final(xs.reshape(-1, xs.shape[-1]))).float()
+        logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs.reshape(-1, xs.shape[-1])))).float()
     logits = logits.reshape(len(plan), -1, logits.shape[-1])
     results: list = [None] * len(plan)
     for k, (_, i, _) in enumerate(plan):

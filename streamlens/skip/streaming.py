@@ -135,7 +135,7 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
             x = out[0] if isinstance(out, tuple) else out
         x = x.to(c.resid[L].device)
         xs = x[c.sel.to(x.device)]
-        logits = m.bridge.unembed(m.bridge.ln_final(xs))
+        logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs)))
     return logits.float(), xs.float()
 
 
