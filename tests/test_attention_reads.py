@@ -338,3 +338,20 @@ def test_source_ablation_recomputes_the_final_norm(tiny_models, arch):
         want = m.final_norm(x - w) @ u + c
         got = dec.ablated_renormed[dec.labels.index(f"head.{l}.{h}@{k}"), :, 0, 0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_alibi_positions_are_read_as_computed(tmp_path):
+    """Bloom adds ALiBi biases to the scores: the pattern read at the hook already holds them, so the split is exact."""
+    from streamlens.testing import build_bridged
+
+    folder, _ = build_bridged("BloomForCausalLM", tmp_path / "bloom")
+    m = sl.load(str(folder))
+    assert m.arch.positional == "alibi"
+    dec = sl.decompose(m, PROMPTS, " the", unit="source", progress=False)
+    head = sl.decompose(m, PROMPTS, " the", unit="head", progress=False)
+    assert dec.check() <= 1e-5
+    src = dec.to_dataframe().groupby(["prompt", "layer", "head"])["value"].sum()
+    per_head = head.to_dataframe().query("kind == 'head'").groupby(["prompt", "layer", "head"])["value"].sum()
+    torch.testing.assert_close(torch.tensor(src.values), torch.tensor(per_head.loc[src.index].values), atol=1e-5, rtol=1e-4)
+    tr = sl.trace(m, PROMPTS, heads=True, patterns=True, sources=True)
+    assert tr.closure_error() <= 1e-5

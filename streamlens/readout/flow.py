@@ -107,15 +107,16 @@ def _ifr(parts: Tensor, y: Tensor) -> Tensor:
     return imp / imp.sum().clamp_min(1e-12)
 
 
-def information_flow(model, prompt, target, *, contrast=None, position: int = -1, threshold: float = 0.02,
+def information_flow(model, prompt, target, *, contrast=None, positions: int | str = -1, threshold: float = 0.02,
                      ifr: bool = False) -> FlowGraph:
-    """Build the flow graph of one prompt's prediction of ``target`` at ``position`` (see the module docs).
+    """Build the flow graph of one prompt's prediction of ``target`` at ``positions`` (see the module docs).
 
     Args:
         model: a :class:`~streamlens.Model`.
         prompt: one prompt (string or token ids).
         target: one token (or ``"top:1"``, or a direction); ``contrast`` for a logit difference.
-        position: the predicted position (default the last token).
+        positions: the one predicted position, in the positions vocabulary of every verb (an int, negative
+            counting back from the last token, or ``"last"``; default ``-1``).
         threshold: keep edges whose |weight| is at least this fraction of the level-1 total |weight|.
         ifr: add the Information-Flow-Routes importance of each edge (``ifr`` column).
     """
@@ -126,7 +127,10 @@ def information_flow(model, prompt, target, *, contrast=None, position: int = -1
             and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
         raise StreamlensError("information_flow takes one prompt (a string or a list of token ids), not a batch")
     batch = encode(model, [prompt] if isinstance(prompt, (str, Tensor)) else [prompt])
-    pos_idx, _ = select_positions(batch, position)
+    pos_idx, _ = select_positions(batch, positions)
+    if pos_idx.shape[1] != 1:
+        raise StreamlensError(f"information_flow follows one prediction: positions={positions!r} selects "
+                              f"{pos_idx.shape[1]} positions; give one (e.g. -1)")
     tgt = resolve(model, target, contrast, 1)
     check_source_target(tgt)
     if tgt.kind == "top" and tgt.k != 1:
