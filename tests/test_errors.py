@@ -225,6 +225,36 @@ def test_two_threads_on_one_model_get_the_numbers_of_one(llama):
         torch.testing.assert_close(got, want[(k + i) % 3], rtol=0, atol=0)
 
 
+
+def test_a_sweep_and_a_trace_in_two_threads_get_their_own_numbers(llama):
+    """The evaluator's clean pass records block inputs with pre-hooks: under the model's lock, like every hook."""
+    texts = ["The cat sat on the mat today", "Hello there my friend"]
+    want_sweep = sl.skip_sweep(llama, texts, max_tokens=8, progress=False, n_boot=20).to_dataframe()
+    want_trace = sl.trace(llama, "Python is a language")["resid_post", 1]
+    errors, got = [], {}
+
+    def sweep():
+        try:
+            got["sweep"] = sl.skip_sweep(llama, texts, max_tokens=8, progress=False, n_boot=20).to_dataframe()
+        except Exception as e:  # noqa: BLE001 - the test reports any failure
+            errors.append(e)
+
+    def traces():
+        try:
+            got["trace"] = [sl.trace(llama, "Python is a language")["resid_post", 1] for _ in range(5)]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=sweep), threading.Thread(target=traces)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    pd.testing.assert_frame_equal(got["sweep"], want_sweep)
+    for t in got["trace"]:
+        torch.testing.assert_close(t, want_trace, rtol=0, atol=0)
+
 # ------------------------------------------------------------------------- verdicts that test their claims
 def test_claims_use_scale_free_statistics_and_state_what_they_measured(llama):
     d = sl.dynamics(llama, TEXTS, max_tokens=8, progress=False, compare_init=True, drop_residual=[1])

@@ -85,7 +85,6 @@ def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks
     m, L = model, model.arch.n_layers
     resid: list[Tensor | None] = [None] * (L + 1)
     calls: list[tuple | None] = [None] * L
-    handles = []
 
     def pre(j):
         def f(module, args, kwargs):
@@ -94,15 +93,11 @@ def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks
             calls[j] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"} if args else None)
         return f
 
-    try:
-        for j in range(L):
-            handles.append(m.bridge.blocks[j].register_forward_pre_hook(pre(j), with_kwargs=True))
-        last = hooks.block_point(m.bridge, L - 1, "block", "out")
-        with torch.no_grad(), hooks.attached([(last, lambda t: resid.__setitem__(L, t.detach()))]):
-            logits = m.run(batch.input_ids, batch.mask)
-    finally:
-        for h in handles:
-            h.remove()
+    # through attached(): removed on exit and held under the model's lock, like every other hook
+    last = hooks.block_point(m.bridge, L - 1, "block", "out")
+    record = [(m.bridge.blocks[j], hooks.PreHook(pre(j))) for j in range(L)]
+    with torch.no_grad(), hooks.attached(record + [(last, lambda t: resid.__setitem__(L, t.detach()))]):
+        logits = m.run(batch.input_ids, batch.mask)
     sel = sel.to(logits.device)
     _, _, has_target, target = targets(m, batch, sel)
     doc = sel.nonzero(as_tuple=True)[0] + lo
@@ -125,7 +120,8 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
     skipped = {a.layer for a in unit.atoms if a.kind == "block"} if mode == "skip" else set()
     p = c.batch.input_ids.shape[1]
     x = c.resid[start]
-    with hooks.attached(intervention_hooks(m, unit, mode, means, p, skip_blocks=False)):
+    # the model's lock even when no hook is needed (a skipped block): the blocks are called directly here
+    with hooks.model_lock(m.bridge), hooks.attached(intervention_hooks(m, unit, mode, means, p, skip_blocks=False)):
         for j in range(start, L):
             if j in skipped:
                 continue
