@@ -17,7 +17,8 @@ from streamlens.intervene.removal import intervention_hooks
 from streamlens.intervene.units import Unit, check_mode, combine, parse_unit
 from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
-from streamlens.skip.metrics import block_influence, metric_names, ratio_bootstrap, resample_indices, row_metrics
+from streamlens.skip.metrics import (angle, block_influence, check_finite, delta_ce, kl, metric_names, ratio_bootstrap,
+                                     resample_indices)
 from streamlens.stream.inputs import Batch, batches, check_batch_size, encode, load_texts, position_mask
 
 
@@ -267,3 +268,32 @@ def _documents(data, field: str):
     if isinstance(data, list) and data and all(isinstance(d, (list, tuple)) for d in data):
         return [list(d) for d in data]
     return load_texts(data, field=field)
+
+
+# The metrics as the old evaluator computed them (whole batch, one full-vocabulary tensor per operation):
+# streamlens.skip.metrics.row_metrics now works a few rows at a time, in place, and must equal this bit for bit.
+def row_metrics(clean, lg: Tensor, fin: Tensor, names, task=None) -> dict[str, Tensor]:
+    """Each metric of ``names`` per selected row: ablated logits ``lg`` and final residual ``fin`` against ``clean``.
+
+    ``clean`` carries the clean pass of the batch (``logp``, ``top1``, ``top``, ``final``, ``target``,
+    ``has_target``; :class:`streamlens.skip.evaluator.CleanBatch`).
+    """
+    check_finite(lg, "the logits with the unit removed")  # never top1 = 1.0 beside kl = nan
+    out = {}
+    logq = torch.log_softmax(lg, -1) if ("kl" in names or "delta_ce" in names) else None
+    if "kl" in names:
+        out["kl"] = kl(clean.logp, logq)
+    if "delta_ce" in names:
+        t = clean.has_target
+        out["delta_ce"] = delta_ce(clean.logp[t], logq[t], clean.target[t])
+    if "top1" in names:
+        out["top1"] = (lg.argmax(-1) == clean.top1).float()
+    if "topk" in names:
+        kk = clean.top.shape[1]
+        other = lg.topk(kk, -1).indices
+        out["topk"] = (clean.top[:, :, None] == other[:, None, :]).any(-1).float().mean(-1)
+    if "angle" in names:
+        out["angle"] = angle(clean.final, fin)
+    if task is not None:
+        out.update(task.values(clean, lg, names))
+    return out

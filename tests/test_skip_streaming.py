@@ -48,6 +48,43 @@ def test_every_sweep_equals_the_old_evaluator(tiny_models, arch):
     assert ev.evaluate(["head.1.0", "mlp.0"], "skip", ALL) == old.evaluate(["head.1.0", "mlp.0"], "skip", ALL)
 
 
+def test_chunked_metrics_equal_whole_batch_metrics(tiny_models, monkeypatch):
+    """The metrics are computed a few rows at a time, in place; chunks of 1 and 3 rows (and a SmolLM2-sized
+    vocabulary) give the old whole-batch numbers bit for bit, with NaN and inf still refused."""
+    import reference_skip
+    from streamlens.skip import metrics as mmod
+    from streamlens.skip.streaming import CleanBatch
+
+    m = tiny_models("llama")
+    old = OldEvaluator(m, TEXTS, **_kw())
+    for rows in (1, 3):
+        monkeypatch.setattr(mmod, "CHUNK_BYTES", rows * 4 * m.arch.d_vocab)
+        assert len(mmod.row_chunks(7, m.arch.d_vocab)) == -(-7 // rows)
+        ev = sl.LayerSkipEvaluator(m, TEXTS, **_kw())
+        _same_rows(ev.sweep("block", metrics=ALL).to_dataframe(), old, "skip")
+    monkeypatch.undo()
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 101, 49152
+    logp = torch.log_softmax(3 * torch.randn(n, vocab, generator=g), -1)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    has = torch.rand(n, generator=g) > 0.2
+    fin = torch.randn(n, 8, generator=g)
+    c = CleanBatch(None, None, None, has, torch.where(has, target, 0), logp, logp.argmax(-1), logp.topk(5, -1).indices,
+                   fin, None, None)
+    lg = 3 * torch.randn(n, vocab, generator=g)
+    cols = mmod.metric_names(ALL)
+    got, want = mmod.row_metrics(c, lg, fin + 0.1, cols), reference_skip.row_metrics(c, lg, fin + 0.1, cols)
+    assert len(mmod.row_chunks(n, vocab)) > 1 and set(got) == set(want) == set(cols)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for names in (cols, ("top1",), ("delta_ce",)):
+            worse = lg.clone()
+            worse[5, 7] = bad
+            with pytest.raises(sl.StreamlensError, match="non-finite"):
+                mmod.row_metrics(c, worse, fin, names)
+
+
 @pytest.mark.parametrize("positions", ["last", slice(5, None), [0, -2], "mask"])
 def test_positions_and_batch_sizes_equal_the_old_evaluator(tiny_models, positions):
     m = tiny_models("llama")

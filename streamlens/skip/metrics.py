@@ -160,20 +160,48 @@ def stored_names(names) -> list[str]:
     return list(names) + [RATIO_OF[k] for k in names if k in RATIO_OF]
 
 
+#: Rows per chunk of the full-vocabulary metrics: about this many bytes of float32 logits at a time, so
+#: the temporaries stay in cache and are reused instead of allocated (and page-faulted) per unit.
+CHUNK_BYTES = 8 << 20
+
+
+def row_chunks(n: int, vocab: int) -> list[slice]:
+    """Slices of ``n`` rows, each about :data:`CHUNK_BYTES` of ``vocab`` float32 values (at least one row)."""
+    step = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def row_metrics(clean, lg: Tensor, fin: Tensor, names, task=None) -> dict[str, Tensor]:
     """Each metric of ``names`` per selected row: ablated logits ``lg`` and final residual ``fin`` against ``clean``.
 
     ``clean`` carries the clean pass of the batch (``logp``, ``top1``, ``top``, ``final``, ``target``,
-    ``has_target``; :class:`streamlens.skip.evaluator.CleanBatch`).
+    ``has_target``, and :meth:`~streamlens.skip.streaming.CleanBatch.probs` /
+    :meth:`~streamlens.skip.streaming.CleanBatch.target_logp` computed once per batch;
+    :class:`streamlens.skip.streaming.CleanBatch`).
+
+    ``kl`` and ``delta_ce`` are computed a few rows at a time (:func:`row_chunks`), with the operations
+    of :func:`kl` and :func:`delta_ce` applied in place: every value is bit for bit what those functions
+    give on the whole batch (each row's log-softmax and sum do not depend on the other rows).
     """
-    check_finite(lg, "the logits with the unit removed")  # never top1 = 1.0 beside kl = nan
     out = {}
-    logq = torch.log_softmax(lg, -1) if ("kl" in names or "delta_ce" in names) else None
-    if "kl" in names:
-        out["kl"] = kl(clean.logp, logq)
-    if "delta_ce" in names:
-        t = clean.has_target
-        out["delta_ce"] = delta_ce(clean.logp[t], logq[t], clean.target[t])
+    want_kl, want_ce = "kl" in names, "delta_ce" in names
+    if want_kl or want_ce:
+        kls, ces = [], []
+        p, tlogp = (clean.probs() if want_kl else None), (clean.target_logp() if want_ce else None)
+        for rows in row_chunks(lg.shape[0], lg.shape[-1]):
+            logq = torch.log_softmax(lg[rows], -1)
+            if want_ce:  # -log q[t] + log p[t], at every row (target 0 where none), masked below
+                ces.append(tlogp[rows] - logq.gather(-1, clean.target[rows, None])[:, 0])
+            if want_kl:  # sum_v p_v (log p_v - log q_v), reusing log q's buffer
+                kls.append(logq.neg_().add_(clean.logp[rows]).mul_(p[rows]).sum(-1).clamp_min(0.0))
+        if want_kl:
+            out["kl"] = torch.cat(kls)
+            if not bool(torch.isfinite(out["kl"]).all()):  # KL is finite exactly when every ablated logit is
+                check_finite(lg, "the logits with the unit removed")
+        if want_ce:
+            out["delta_ce"] = torch.cat(ces)[clean.has_target]
+    if not want_kl and not bool(torch.isfinite(lg.sum())):  # one reduction; a finite sum has finite terms
+        check_finite(lg, "the logits with the unit removed")  # never top1 = 1.0 beside kl = nan
     if "top1" in names:
         out["top1"] = (lg.argmax(-1) == clean.top1).float()
     if "topk" in names:

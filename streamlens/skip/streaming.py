@@ -43,6 +43,20 @@ class CleanBatch:
     bi: Tensor  # (L, n) float64: each block's 1 - cos(resid_pre, resid_post) at the selected rows
     resid: list[Tensor] | None = None  # L+1 tensors (b, p, d): each block's input, then the final residual
     calls: list[tuple] | None = None  # per block: (args after the hidden state, kwargs)
+    _probs: Tensor | None = None
+    _target_logp: Tensor | None = None
+
+    def probs(self) -> Tensor:
+        """``(n, vocab)`` clean probabilities ``exp(logp)``, computed once per batch (every unit's KL needs them)."""
+        if self._probs is None:
+            self._probs = self.logp.exp()
+        return self._probs
+
+    def target_logp(self) -> Tensor:
+        """``(n,)`` clean log-probability of each row's next token (target 0 where there is none)."""
+        if self._target_logp is None:
+            self._target_logp = self.logp.gather(-1, self.target[:, None])[:, 0]
+        return self._target_logp
 
 
 def targets(model, batch: Batch, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -160,7 +174,7 @@ def check_prefix(model, c: CleanBatch, means: dict | None = None) -> str:
     for start in sorted({0, L // 2, L}):
         with torch.no_grad():
             lg = tail(model, c, combine([]), "skip", means, start)[0]
-        err = float((torch.softmax(lg, -1) - c.logp.exp()).abs().max())
+        err = float((torch.softmax(lg, -1) - c.probs()).abs().max())
         tol = 1e-4 if model.dtype == torch.float32 else 2e-2
         if not err <= tol:
             return (f"replaying blocks {start}..{L - 1} + final norm + unembedding from the cached resid_pre[{start}] "
