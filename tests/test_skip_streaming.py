@@ -133,7 +133,7 @@ def test_one_batch_in_memory_at_a_time(tiny_models, monkeypatch):
     monkeypatch.setattr(evmod, "clean_pass", tracked)
     ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, **_kw(batch_size=1))
     ev.sweep("head")
-    assert len(alive) == 1 + len(TEXTS)  # the construction's prefix check, then one per batch
+    assert len(alive) == len(TEXTS)  # one per batch: the construction's prefix check made the first batch's
     assert not hasattr(ev, "batches")
 
 
@@ -278,3 +278,39 @@ def test_pruning_curve_equals_the_old_evaluator(tiny_models):
     assert list(got["removed"]) == [r["removed"] for r in want]
     for col in ("kl", "kl_lo", "kl_hi", "delta_ce", "top1_hi"):
         assert list(got[col]) == [r[col] for r in want], col
+
+
+def test_one_batch_clean_pass_is_reused_until_the_weights_change(tiny_models, monkeypatch):
+    """The construction's prefix check is the first batch's clean pass; on data of one batch repeated
+    evaluate() calls run the clean model once, and an in-place change of the weights makes a new one."""
+    m = tiny_models("llama")
+    calls = []
+    real = evmod.clean_pass
+    monkeypatch.setattr(evmod, "clean_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev = sl.LayerSkipEvaluator(m, TEXTS[:2], **_kw())
+    first = [ev.evaluate(u, metrics=ALL) for u in ("block.1", "mlp.0", [])]
+    assert len(calls) == 1 and first[2]["kl"] == 0.0
+    w = next(m.bridge.blocks[1].mlp.parameters())
+    orig = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(1.5)
+        again = ev.evaluate("block.1", metrics=ALL)
+        assert len(calls) == 2
+        fresh = sl.LayerSkipEvaluator(m, TEXTS[:2], **_kw()).evaluate("block.1", metrics=ALL)
+        assert again == fresh and again != first[0]
+    finally:
+        with torch.no_grad():
+            w.copy_(orig)
+    assert ev.evaluate("block.1", metrics=ALL) == first[0]
+
+
+def test_prefix_check_catches_a_block_input_changed_after_it_was_cached(tiny_models):
+    from streamlens.skip.streaming import check_prefix, clean_pass
+
+    m = tiny_models("llama")
+    lo, batch, sel = sl.LayerSkipEvaluator(m, TEXTS[:2], **_kw()).data_batches[0]
+    c = clean_pass(m, batch, sel, lo, 5)
+    assert check_prefix(m, c) == ""
+    c.resid[2].add_(1.0)  # what a block that edits its input in place would leave in the cache
+    assert "replaying block 1 " in check_prefix(m, c)

@@ -129,9 +129,10 @@ class LayerSkipEvaluator:
         self._settings = {"data": digest, "n_docs": self.n_docs, "max_tokens": max_tokens,
                           "batch_size": batch_size, "positions": describe_positions(positions), "topk": topk,
                           "n_boot": n_boot, "seed": seed, "mean_over": mean_over, "prepend_bos": prepend_bos}
+        self._last: tuple[tuple, CleanBatch] | None = None  # the latest batch's clean pass (see _clean)
         if strategy != "naive":
             lo, batch, sel = self._data[0]
-            reason = check_prefix(self.model, clean_pass(self.model, batch, sel, lo, topk))
+            reason = check_prefix(self.model, self._clean(lo, batch, sel, keep_blocks=True, keep_logits=True))
             if reason:
                 if strategy == "prefix":
                     raise StreamlensError(f"prefix reuse does not reproduce this model: {reason}")
@@ -186,8 +187,8 @@ class LayerSkipEvaluator:
             if not todo and not need_bi:
                 continue
             with torch.no_grad():
-                c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=strategy == "prefix" and bool(todo),
-                               keep_logits=self.task.needs_logits(names))
+                c = self._clean(lo, batch, sel, keep_blocks=strategy == "prefix" and bool(todo),
+                                keep_logits=self.task.needs_logits(names))
                 if need_bi:
                     for j in range(L):
                         bi[j].index_add_(0, c.doc.cpu(), c.bi[j])
@@ -213,6 +214,23 @@ class LayerSkipEvaluator:
             if bi is not None:
                 bi = torch.stack([next(parts) for _ in range(L)])
         return sums, bi
+
+    def _clean(self, lo: int, batch, sel, *, keep_blocks: bool, keep_logits: bool) -> CleanBatch:
+        """The clean pass of the batch starting at document ``lo``. The latest one is kept (one batch, so
+        memory stays that of one batch) and reused while the weights are unchanged: the construction's check
+        is the first batch's clean pass, and repeated calls on data of one batch run the model once."""
+        key = (lo, _weights_state(self.model))
+        if self._last is not None:
+            (k, c), self._last = self._last, None  # dropped before the next batch's pass is made
+            if k == key and (c.resid is not None or not keep_blocks) and (c.logits is not None or not keep_logits):
+                if not keep_logits:
+                    c.logits = None  # (n, vocab) the construction kept in case a task metric needed them
+                self._last = (k, c)
+                return c
+            del c
+        c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=keep_blocks, keep_logits=keep_logits)
+        self._last = (key, c)
+        return c
 
     def ensure_means(self) -> dict:
         """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
@@ -388,6 +406,12 @@ class LayerSkipEvaluator:
 
 # --------------------------------------------------------------------------- helpers
 STRATEGIES = ("auto", "prefix", "naive")
+
+
+def _weights_state(model: Model) -> tuple:
+    """Where every parameter's data lives and how often it was changed in place (``Tensor._version``):
+    a cached clean pass is reused only while this is unchanged."""
+    return tuple((p.data_ptr(), p._version) for p in model.bridge.parameters())
 
 
 def _renamed(path: str | None, strategy: str | None) -> str | None:
