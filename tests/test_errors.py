@@ -255,6 +255,30 @@ def test_a_sweep_and_a_trace_in_two_threads_get_their_own_numbers(llama):
     for t in got["trace"]:
         torch.testing.assert_close(t, want_trace, rtol=0, atol=0)
 
+
+
+def test_attached_holds_the_models_lock_even_with_no_hook(llama):
+    """A caller that runs the model's modules itself passes the model: its lock is held with no hook attached."""
+    from streamlens.model import hooks
+
+    seen, lock = [], hooks.model_lock(llama.bridge)
+
+    def probe():
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        seen.append(got)
+
+    with hooks.attached([], model=llama.bridge):
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen == [False, True]
+
+
 # ------------------------------------------------------------------------- verdicts that test their claims
 def test_claims_use_scale_free_statistics_and_state_what_they_measured(llama):
     d = sl.dynamics(llama, TEXTS, max_tokens=8, progress=False, compare_init=True, drop_residual=[1])

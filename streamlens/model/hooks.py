@@ -136,15 +136,18 @@ class PreHook:
 
 
 @contextmanager
-def attached(hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
+def attached(hooks: Sequence[tuple[nn.Module, HookFn]], *, model: nn.Module | None = None) -> Iterator[None]:
     """Attach ``fn`` as a forward hook on each module for the duration of the block.
 
     ``fn`` receives the module's output tensor; a non-None return value replaces it (used for
     interventions). Every handle is removed on exit, whether the block ended normally or raised.
-    The model's lock (:func:`model_lock`) is held meanwhile, so no other thread's forward sees these hooks.
+    The model's lock (:func:`model_lock`) is held meanwhile, so no other thread's forward sees these hooks:
+    the lock of ``model`` (any of its modules) when given (needed where the caller runs the model's modules
+    itself, with or without hooks), else that of the first hooked module.
     """
     handles = []
-    with model_lock(hooks[0][0]) if hooks else nullcontext():
+    owner = model if model is not None else (hooks[0][0] if hooks else None)
+    with model_lock(owner) if owner is not None else nullcontext():
         try:
             for module, fn in hooks:
                 if isinstance(fn, PreHook):  # changes a module's inputs (an expert's routing weight)

@@ -135,7 +135,7 @@ def stacked_tail(model, c, units: Sequence[Unit], mode: str, means: dict | None)
             per_point.setdefault(hp, []).append((k, f))
     merged = [(hp, _merged(lst, b, p, state)) for hp, lst in per_point.items()]
     x = None
-    with hooks.model_lock(m.bridge), hooks.attached(merged):  # the lock even with no hook: blocks are called directly
+    with hooks.attached(merged, model=m.bridge):  # the lock even with no hook: blocks are called directly
         for j in range(L + 1):
             joining = [c.resid[start] for (start, enter), _, _ in plan if enter == j]
             if joining:

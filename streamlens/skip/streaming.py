@@ -137,7 +137,7 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
     p = c.batch.input_ids.shape[1]
     x = c.resid[start]
     # the model's lock even when no hook is needed (a skipped block): the blocks are called directly here
-    with hooks.model_lock(m.bridge), hooks.attached(intervention_hooks(m, unit, mode, means, p, skip_blocks=False)):
+    with hooks.attached(intervention_hooks(m, unit, mode, means, p, skip_blocks=False), model=m.bridge):
         for j in range(start, L):
             if j in skipped:
                 continue
