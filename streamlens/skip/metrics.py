@@ -193,7 +193,7 @@ def row_metrics(clean, lg: Tensor, fin: Tensor, names, task=None) -> dict[str, T
             if want_ce:  # -log q[t] + log p[t], at every row (target 0 where none), masked below
                 ces.append(tlogp[rows] - logq.gather(-1, clean.target[rows, None])[:, 0])
             if want_kl:  # sum_v p_v (log p_v - log q_v), reusing log q's buffer
-                kls.append(logq.neg_().add_(clean.logp[rows]).mul_(p[rows]).sum(-1).clamp_min(0.0))
+                kls.append(torch.sub(clean.logp[rows], logq, out=logq).mul_(p[rows]).sum(-1).clamp_min(0.0))
         if want_kl:
             out["kl"] = torch.cat(kls)
             if not bool(torch.isfinite(out["kl"]).all()):  # KL is finite exactly when every ablated logit is
