@@ -15,10 +15,12 @@ Each is the mean over the selected non-padding positions, with a 95% percentile-
 over documents. The clean pass also gives each block's Block Influence ``1 - cos(resid_pre,
 resid_post)`` (ShortGPT), and a block sweep reports its Spearman correlation with the damage.
 
-Memory (streaming): the evaluator keeps only the token ids. A sweep runs batch by batch: the clean
-pass of one batch, every unit removed on it, the per-document sums added, the batch dropped
-(:mod:`streamlens.skip.streaming`), so peak memory depends on the batch, not on the number of
-documents. ``mode="mean"`` first makes one extra streaming pass for the mean writes.
+Memory (streaming): the evaluator keeps the token ids and the clean pass of the latest batch only. A
+sweep runs batch by batch: the clean pass of one batch, every unit removed on it, the per-document sums
+added, the batch dropped before the next one's pass (:mod:`streamlens.skip.streaming`), so peak memory
+depends on the batch, not on the number of documents. The construction's prefix check is the first
+batch's clean pass, and a kept pass is reused while the weights are unchanged (on data of one batch,
+repeated :meth:`~LayerSkipEvaluator.evaluate` calls run the clean model once). ``mode="mean"`` first makes one extra streaming pass for the mean writes.
 
 Speed (prefix reuse): removing a unit at layer ``l`` cannot change blocks ``0..l-1``. The clean pass
 caches every block's input ``resid_pre[l]`` and the keyword arguments the bridge passed to each block
