@@ -10,6 +10,7 @@ import torch
 import streamlens as sl
 from streamlens.report.demo import pydoc_texts
 from streamlens.skip import evaluator as evmod
+from streamlens.skip import streaming
 from streamlens.skip.docsums import DocSums
 
 from reference_skip import OldEvaluator
@@ -121,7 +122,7 @@ def test_stacked_variants_equal_one_variant_per_pass(tiny_models, arch):
 def test_one_batch_in_memory_at_a_time(tiny_models, monkeypatch):
     """Streaming: when a batch's clean pass starts, no earlier batch's clean state is alive."""
     alive: list = []
-    real = evmod.clean_pass
+    real = streaming.clean_pass
 
     def tracked(*a, **k):
         gc.collect()
@@ -130,7 +131,7 @@ def test_one_batch_in_memory_at_a_time(tiny_models, monkeypatch):
         alive.append(weakref.ref(c))
         return c
 
-    monkeypatch.setattr(evmod, "clean_pass", tracked)
+    monkeypatch.setattr(streaming, "clean_pass", tracked)
     ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, **_kw(batch_size=1))
     ev.sweep("head")
     assert len(alive) == len(TEXTS)  # one per batch: the construction's prefix check made the first batch's
@@ -285,8 +286,8 @@ def test_one_batch_clean_pass_is_reused_until_the_weights_change(tiny_models, mo
     evaluate() calls run the clean model once, and an in-place change of the weights makes a new one."""
     m = tiny_models("llama")
     calls = []
-    real = evmod.clean_pass
-    monkeypatch.setattr(evmod, "clean_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = streaming.clean_pass
+    monkeypatch.setattr(streaming, "clean_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     ev = sl.LayerSkipEvaluator(m, TEXTS[:2], **_kw())
     first = [ev.evaluate(u, metrics=ALL) for u in ("block.1", "mlp.0", [])]
     assert len(calls) == 1 and first[2]["kl"] == 0.0

@@ -58,7 +58,7 @@ from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
 from streamlens.skip.docsums import DocSums, describe_positions, load_done, weights_checksum
 from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
-from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
+from streamlens.skip.streaming import CleanBatch, LatestClean, check_prefix, full, tail, tokenize
 from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
 from streamlens.stream.inputs import check_batch_size, load_texts
 
@@ -131,7 +131,7 @@ class LayerSkipEvaluator:
         self._settings = {"data": digest, "n_docs": self.n_docs, "max_tokens": max_tokens,
                           "batch_size": batch_size, "positions": describe_positions(positions), "topk": topk,
                           "n_boot": n_boot, "seed": seed, "mean_over": mean_over, "prepend_bos": prepend_bos}
-        self._last: tuple[tuple, CleanBatch] | None = None  # the latest batch's clean pass (see _clean)
+        self._last = LatestClean()  # the latest batch's clean pass
         if strategy != "naive":
             lo, batch, sel = self._data[0]
             reason = check_prefix(self.model, self._clean(lo, batch, sel, keep_blocks=True, keep_logits=True))
@@ -218,21 +218,8 @@ class LayerSkipEvaluator:
         return sums, bi
 
     def _clean(self, lo: int, batch, sel, *, keep_blocks: bool, keep_logits: bool) -> CleanBatch:
-        """The clean pass of the batch starting at document ``lo``. The latest one is kept (one batch, so
-        memory stays that of one batch) and reused while the weights are unchanged: the construction's check
-        is the first batch's clean pass, and repeated calls on data of one batch run the model once."""
-        key = (lo, _weights_state(self.model))
-        if self._last is not None:
-            (k, c), self._last = self._last, None  # dropped before the next batch's pass is made
-            if k == key and (c.resid is not None or not keep_blocks) and (c.logits is not None or not keep_logits):
-                if not keep_logits:
-                    c.logits = None  # (n, vocab) the construction kept in case a task metric needed them
-                self._last = (k, c)
-                return c
-            del c
-        c = clean_pass(self.model, batch, sel, lo, self.topk, keep_blocks=keep_blocks, keep_logits=keep_logits)
-        self._last = (key, c)
-        return c
+        """The clean pass of the batch starting at document ``lo`` (the latest is kept: :class:`LatestClean`)."""
+        return self._last.get(self.model, lo, batch, sel, self.topk, keep_blocks=keep_blocks, keep_logits=keep_logits)
 
     def ensure_means(self) -> dict:
         """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
@@ -408,12 +395,6 @@ class LayerSkipEvaluator:
 
 # --------------------------------------------------------------------------- helpers
 STRATEGIES = ("auto", "prefix", "naive")
-
-
-def _weights_state(model: Model) -> tuple:
-    """Where every parameter's data lives and how often it was changed in place (``Tensor._version``):
-    a cached clean pass is reused only while this is unchanged."""
-    return tuple((p.data_ptr(), p._version) for p in model.bridge.parameters())
 
 
 def _renamed(path: str | None, strategy: str | None) -> str | None:

@@ -127,6 +127,35 @@ def clean_pass(model, batch: Batch, sel: Tensor, lo: int, topk: int, keep_blocks
                       calls if ok else None)
 
 
+class LatestClean:
+    """The latest batch's clean pass, kept (one batch: memory stays that of one batch) and reused while the
+    weights are unchanged: the evaluator's construction check is its first batch's clean pass, and repeated
+    calls on data of one batch run the clean model once."""
+
+    def __init__(self):
+        self._kept: tuple[tuple, CleanBatch] | None = None
+
+    def get(self, model, lo: int, batch: Batch, sel: Tensor, topk: int, *, keep_blocks: bool,
+            keep_logits: bool) -> CleanBatch:
+        key = (lo, weights_state(model))
+        if self._kept is not None:
+            (k, c), self._kept = self._kept, None  # dropped before the next batch's pass is made
+            if k == key and (c.resid is not None or not keep_blocks) and (c.logits is not None or not keep_logits):
+                if not keep_logits:
+                    c.logits = None  # (n, vocab) kept by an earlier call that needed them
+                self._kept = (k, c)
+                return c
+            del c
+        c = clean_pass(model, batch, sel, lo, topk, keep_blocks=keep_blocks, keep_logits=keep_logits)
+        self._kept = (key, c)
+        return c
+
+
+def weights_state(model) -> tuple:
+    """Where every parameter's data lives and how often it was changed in place (``Tensor._version``)."""
+    return tuple((p.data_ptr(), p._version) for p in model.bridge.parameters())
+
+
 def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start: int | None = None,
          watch=None) -> tuple[Tensor, Tensor]:
     """Logits ``(n, vocab)`` and final residual ``(n, d)`` at the selected rows, from cached ``resid_pre``
