@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def documents(n: int) -> list[str]:
-    """``n`` documents of the built-in corpus (passages re-cut at other offsets when more are asked for)."""
+    """``n`` documents of the built-in corpus (passages re-cut at other offsets, each keeping 1500+ characters,
+    when more are asked for)."""
     from streamlens.report.demo import pydoc_texts
 
     texts = [t for t in pydoc_texts() if len(t) > 2500]
-    return [texts[k % len(texts)][(k // len(texts)) * 400:] for k in range(n)]
+    return [texts[k % len(texts)][((k // len(texts)) * 400) % (len(texts[k % len(texts)]) - 1500):] for k in range(n)]
 
 
 def _load():
