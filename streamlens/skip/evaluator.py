@@ -43,21 +43,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
 from streamlens.intervene.means import mean_writes
-from streamlens.intervene.units import Unit, all_units, check_mode, combine, parse_unit
+from streamlens.intervene.units import Unit, check_mode, combine, parse_unit
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
 from streamlens.skip.docsums import DocSums, describe_positions, load_done, weights_checksum
-from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
+from streamlens.skip.metrics import metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
-from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
+from streamlens.skip.sweeps import SkipSweep, run_rows, sweep_table, sweep_units, unit_columns
 from streamlens.stream.inputs import check_batch_size, load_texts
 
 __all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
@@ -158,7 +157,7 @@ class LayerSkipEvaluator:
             raise StreamlensError(f"prefix reuse is not available for this model: {self.strategy_reason}")
         shard = shard or distributed.current()
         if mode == "mean":
-            self.ensure_means()
+            self.ensure_means(shard)
         L = self.model.arch.n_layers
         names = stored_names(names)
         sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
@@ -214,10 +213,16 @@ class LayerSkipEvaluator:
                 bi = torch.stack([next(parts) for _ in range(L)])
         return sums, bi
 
-    def ensure_means(self) -> dict:
-        """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
+    def ensure_means(self, shard=None) -> dict:
+        """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once
+        (under a process group shared by the ranks: :func:`streamlens.skip.distributed.sharded_mean_writes`)."""
         if self._means is None:
-            self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
+            shard = shard or distributed.current()
+            if shard.collective:
+                self._means = distributed.sharded_mean_writes(self.model, [b for _, b, _ in self._data],
+                                                              self.mean_over, shard)
+            else:
+                self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
         return self._means
 
     means = property(lambda self: self._means, doc="The mean writes (None until a mean-mode removal needed them).")
@@ -368,22 +373,18 @@ class LayerSkipEvaluator:
         return run_shard(self, unit, shard=shard, out=out, mode=mode, metrics=metrics, width=width, resume=resume)
 
     def prune(self, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
-              metrics: Sequence[str] = ("kl", "ce", "top1")) -> SkipSweep:
+              metrics: Sequence[str] = ("kl", "ce", "top1"), out: str | Path | None = None,
+              resume: bool = False) -> SkipSweep:
         """Greedy pruning curve: ``count`` times, remove the unit whose removal (with those already removed)
         hurts least by ``by``; one row per step (step 0 removes nothing). Each step is one streaming pass
-        measuring every candidate."""
-        names = self.metric_names(metrics)
-        by = METRICS.get(by, by)
-        if by not in names:
-            raise StreamlensError(f"by={by!r} must be one of the metrics computed: {names}")
-        if unit not in ("block", "attn", "mlp", "head"):
-            raise StreamlensError(f"pruning removes single units: unit must be block/attn/mlp/head, got {unit!r}")
-        pool = all_units(self.model, unit)
-        if not isinstance(count, int) or not 1 <= count <= len(pool):
-            raise StreamlensError(f"count={count!r} must be between 1 and the {len(pool)} {unit} units of the model")
-        rows = greedy_prune(self, pool, count, mode, names, by, HIGHER_IS_WORSE.get(by, True))
-        return SkipSweep("prune", mode, tuple(names), pd.DataFrame(rows), self.model.name, self.n_docs, self.strategy,
-                         self.strategy_reason)
+        measuring every candidate (under ``torchrun`` its batches are shared by the ranks).
+
+        ``out``: a ``.csv``/``.jsonl`` file the curve is written to as each step finishes; ``resume=True``
+        continues after the last finished step (:mod:`streamlens.skip.prunelog`; other settings are refused).
+        """
+        from streamlens.skip.sweeps import prune_curve
+
+        return prune_curve(self, count, unit, mode, by, self.metric_names(metrics), out, resume)
 
 
 # --------------------------------------------------------------------------- helpers
