@@ -87,8 +87,7 @@ def finish_means(sums: dict, counts: dict, over: str = "position") -> dict:
 
 def atom_device(model, atom: Atom) -> torch.device:
     """The device of the block that writes ``atom`` (where its write, and so its mean, is computed)."""
-    p = next(model.bridge.blocks[atom.layer].parameters(), None)
-    return model.device if p is None else p.device
+    return hooks.param_device(model.bridge.blocks[atom.layer], model.device)
 
 
 def _pad_rows(x: Tensor, n: int) -> Tensor:

@@ -126,10 +126,10 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
             if j in skipped:
                 continue
             args, kwargs = c.calls[j]
-            x = x.to(c.resid[j].device)  # blocks on several devices: each runs where it lives
+            x = x.to(hooks.param_device(m.bridge.blocks[j], c.resid[j].device))  # blocks on several devices: each runs where it lives
             out = m.bridge.blocks[j](x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
-        x = x.to(c.resid[L].device)
+        x = x.to(hooks.param_device(m.bridge.ln_final, c.resid[L].device))
         xs = x[c.sel.to(x.device)]
         logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs)))
     return logits.float(), xs.float()
