@@ -116,10 +116,14 @@ def in_batch_order(compute, n: int, shard: Shard):
         yield from got[: n - first]
 
 
-def sharded_mean_writes(model, batches: list, over: str, shard: Shard) -> dict:
-    """:func:`streamlens.intervene.means.mean_writes` with the batches shared over the ranks (see the
-    module docstring): the same bits on every rank as one process computing all of them."""
+def mean_writes(model, batches: list, over: str, shard: Shard | None = None) -> dict:
+    """:func:`streamlens.intervene.means.mean_writes`, with the batches shared over the ranks under a process
+    group (see the module docstring): the same bits on every rank as one process computing all of them."""
     from streamlens.intervene import means
+
+    shard = shard or current()
+    if not shard.collective:
+        return means.mean_writes(model, batches, over)
 
     def on_cpu(i):
         return {a: (s.cpu(), c.cpu()) for a, (s, c) in means.batch_write_sums(model, batches[i]).items()}

@@ -47,7 +47,6 @@ import torch
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
-from streamlens.intervene.means import mean_writes
 from streamlens.intervene.units import Unit, check_mode, combine, parse_unit
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
@@ -157,7 +156,7 @@ class LayerSkipEvaluator:
             raise StreamlensError(f"prefix reuse is not available for this model: {self.strategy_reason}")
         shard = shard or distributed.current()
         if mode == "mean":
-            self.ensure_means(shard)
+            self.ensure_means()
         L = self.model.arch.n_layers
         names = stored_names(names)
         sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
@@ -213,16 +212,10 @@ class LayerSkipEvaluator:
                 bi = torch.stack([next(parts) for _ in range(L)])
         return sums, bi
 
-    def ensure_means(self, shard=None) -> dict:
-        """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once
-        (under a process group shared by the ranks: :func:`streamlens.skip.distributed.sharded_mean_writes`)."""
-        if self._means is None:
-            shard = shard or distributed.current()
-            if shard.collective:
-                self._means = distributed.sharded_mean_writes(self.model, [b for _, b, _ in self._data],
-                                                              self.mean_over, shard)
-            else:
-                self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
+    def ensure_means(self) -> dict:
+        """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
+        if self._means is None:  # under a process group the ranks share the pass (same bits as one process)
+            self._means = distributed.mean_writes(self.model, [b for _, b, _ in self._data], self.mean_over)
         return self._means
 
     means = property(lambda self: self._means, doc="The mean writes (None until a mean-mode removal needed them).")
