@@ -129,7 +129,7 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
             x = x.to(hooks.param_device(m.bridge.blocks[j], c.resid[j].device))  # blocks on several devices: each runs where it lives
             out = m.bridge.blocks[j](x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
-        x = x.to(hooks.param_device(m.bridge.ln_final, c.resid[L].device))
+        x = x.to(c.resid[L].device)
         xs = x[c.sel.to(x.device)]
         logits = m.arch.final_transform(m.bridge.unembed(m.bridge.ln_final(xs)))
     return logits.float(), xs.float()
