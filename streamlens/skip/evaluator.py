@@ -55,7 +55,7 @@ from streamlens.skip.docsums import DocSums, describe_positions, load_done, weig
 from streamlens.skip.metrics import metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, check_prefix, clean_pass, full, tail, tokenize
-from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns  # noqa: F401
+from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
 from streamlens.stream.inputs import check_batch_size, load_texts
 
 __all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
