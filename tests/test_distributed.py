@@ -54,6 +54,8 @@ SCRIPT = textwrap.dedent("""
     ev = sl.LayerSkipEvaluator(sl.load(folder), texts, max_tokens=20, batch_size=2, n_boot=200, progress=False)
     sweep = ev.sweep("head", mode="mean", metrics=("kl", "ce", "top1", "angle"))
     torch.save({"means": {str(k): v for k, v in ev.means.items()}, "calls": len(calls)}, out + ".means%d.pt" % dist.get_rank())
+    one = sl.LayerSkipEvaluator(ev.model, texts[:2], max_tokens=20, batch_size=2, n_boot=200, progress=False)
+    torch.save({str(k): v for k, v in one.ensure_means().items()}, out + ".one%d.pt" % dist.get_rank())  # 1 batch, 2 ranks
     blocks = ev.sweep("block", metrics=("kl", "ce"))
     sweep.to_dataframe().to_pickle(out + ".rank%d.pkl" % dist.get_rank())
     blocks.to_dataframe().to_pickle(out + ".blocks%d.pkl" % dist.get_rank())
@@ -85,6 +87,11 @@ def test_two_gloo_processes_give_the_single_process_table(tiny_models, tiny_dirs
         assert set(got["means"]) == {str(k) for k in ev.means}
         for k, v in ev.means.items():
             torch.testing.assert_close(got["means"][str(k)], v, atol=0, rtol=0)
+        one = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS[:2], progress=False, **KW).ensure_means()
+        got = torch.load(tmp_path / f"t.one{rank}.pt")  # fewer batches than ranks: rank 1 computes none
+        assert set(got) == {str(k) for k in one}
+        for k, v in one.items():
+            torch.testing.assert_close(got[str(k)], v, atol=0, rtol=0)
         _same_table(pd.read_pickle(tmp_path / f"t.rank{rank}.pkl"), single)
         _same_table(pd.read_pickle(tmp_path / f"t.blocks{rank}.pkl"), blocks)
         _same_table(pd.read_pickle(tmp_path / f"t.curve{rank}.pkl"), curve)
