@@ -141,14 +141,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                             variants_per_pass=args.variants_per_pass, memory_budget=args.memory_budget,
                             prepend_bos=args.prepend_bos)
     kw = dict(mode=args.mode, metrics=metrics, width=args.width)
-    if args.shard:
+    if args.prune is not None:  # a greedy pruning curve instead of a sweep
+        if args.shard or args.screen is not None or args.unit not in ("block", "attn", "mlp", "head"):
+            raise StreamlensError("--prune removes single units (--unit block/attn/mlp/head) and takes no --shard "
+                                  "or --screen (under torchrun the ranks share each step's documents)")
+        res = ev.prune(args.prune, unit=args.unit, mode=args.mode, by=args.by, metrics=metrics, out=args.out,
+                       resume=args.resume)
+    elif args.shard:
         if not args.out:
             raise StreamlensError("--shard needs --out: the file this job writes its document sums to")
         path = ev.sweep_shard(args.unit, shard=args.shard, out=args.out, **kw)
         print(f"wrote {path} (shard {args.shard}); join the shards with: streamlens merge FILES --out TABLE",
               file=sys.stderr)
         return 0
-    res = ev.sweep(args.unit, out=args.out, resume=args.resume, screen=args.screen, **kw)
+    else:
+        res = ev.sweep(args.unit, out=args.out, resume=args.resume, screen=args.screen, **kw)
     if rank == 0:
         print(text_table(res.to_dataframe()))
         if args.out:
@@ -292,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from what --out and its document sums hold")
     p.add_argument("--shard", help="i/n: run job i of n independent jobs (writes document sums to --out, a .jsonl; "
                    "join them with 'streamlens merge'); under torchrun the ranks share the work without it")
+    p.add_argument("--prune", type=int, default=None, metavar="N", help="a greedy pruning curve of N steps instead "
+                   "of a sweep (each step removes the unit that hurts least by --by); with --out each step is written "
+                   "as it finishes and --resume continues after the last")
+    p.add_argument("--by", default="kl", help="the metric --prune minimises (default kl)")
     p.add_argument("--screen", type=int, default=None, help="estimate every unit (attribution patching) and compute "
                    "exact numbers only for the K with the largest estimated effect")
     p.add_argument("--variants-per-pass", type=int, default=None, help="removals stacked into one forward pass")

@@ -46,11 +46,26 @@ SCRIPT = textwrap.dedent("""
     if fail == str(dist.get_rank()):
         raise SystemExit("rank %d: a planned failure" % dist.get_rank())
     texts = json.load(open(data))
+    import torch
+    from streamlens.intervene import means
+    calls = []  # the batches whose write sums this rank computed: its share of the mean pass
+    wrapped = means.batch_write_sums
+    means.batch_write_sums = lambda model, batch: (calls.append(batch.input_ids[:, 0].tolist()), wrapped(model, batch))[1]
     ev = sl.LayerSkipEvaluator(sl.load(folder), texts, max_tokens=20, batch_size=2, n_boot=200, progress=False)
     sweep = ev.sweep("head", mode="mean", metrics=("kl", "ce", "top1", "angle"))
+    torch.save({"means": {str(k): v for k, v in ev.means.items()}, "calls": len(calls)}, out + ".means%d.pt" % dist.get_rank())
+    one = sl.LayerSkipEvaluator(ev.model, texts[:2], max_tokens=20, batch_size=2, n_boot=200, progress=False)
+    torch.save({str(k): v for k, v in one.ensure_means().items()}, out + ".one%d.pt" % dist.get_rank())  # 1 batch, 2 ranks
     blocks = ev.sweep("block", metrics=("kl", "ce"))
     sweep.to_dataframe().to_pickle(out + ".rank%d.pkl" % dist.get_rank())
     blocks.to_dataframe().to_pickle(out + ".blocks%d.pkl" % dist.get_rank())
+    from streamlens.skip import evaluator as evmod
+    batches = []  # each pruning step's streaming pass is sharded too: the clean passes this rank ran
+    real = evmod.clean_pass
+    evmod.clean_pass = lambda model, batch, sel, lo, *a, **k: (batches.append(lo), real(model, batch, sel, lo, *a, **k))[1]
+    curve = ev.prune(2, unit="head", mode="mean", out=out + ".curve.csv")
+    curve.to_dataframe().to_pickle(out + ".curve%d.pkl" % dist.get_rank())
+    json.dump(batches, open(out + ".batches%d.json" % dist.get_rank(), "w"))
     dist.destroy_process_group()
 """)
 
@@ -64,9 +79,25 @@ def test_two_gloo_processes_give_the_single_process_table(tiny_models, tiny_dirs
     ev = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS, progress=False, **KW)
     single = ev.sweep("head", mode="mean", metrics=("kl", "ce", "top1", "angle")).to_dataframe()
     blocks = ev.sweep("block", metrics=("kl", "ce")).to_dataframe()
+    curve = ev.prune(2, unit="head", mode="mean", out=tmp_path / "single_curve.csv").to_dataframe()
     for rank in (0, 1):  # every rank returns the whole table
+        got = torch.load(tmp_path / f"t.means{rank}.pt")
+        # the mean pass is sharded (4 batches: 2 per rank) and its result is the single process's, bit for bit
+        assert got["calls"] == 2
+        assert set(got["means"]) == {str(k) for k in ev.means}
+        for k, v in ev.means.items():
+            torch.testing.assert_close(got["means"][str(k)], v, atol=0, rtol=0)
+        one = sl.LayerSkipEvaluator(tiny_models("gpt2"), TEXTS[:2], progress=False, **KW).ensure_means()
+        got = torch.load(tmp_path / f"t.one{rank}.pt")  # fewer batches than ranks: rank 1 computes none
+        assert set(got) == {str(k) for k in one}
+        for k, v in one.items():
+            torch.testing.assert_close(got[str(k)], v, atol=0, rtol=0)
         _same_table(pd.read_pickle(tmp_path / f"t.rank{rank}.pkl"), single)
         _same_table(pd.read_pickle(tmp_path / f"t.blocks{rank}.pkl"), blocks)
+        _same_table(pd.read_pickle(tmp_path / f"t.curve{rank}.pkl"), curve)
+        # 3 steps (0, 1, 2), each over this rank's 2 of the 4 batches (documents 0, 4 on rank 0; 2, 6 on rank 1)
+        assert json.loads((tmp_path / f"t.batches{rank}.json").read_text()) == [2 * rank, 2 * rank + 4] * 3
+    _same_table(pd.read_csv(tmp_path / "t.curve.csv"), pd.read_csv(tmp_path / "single_curve.csv"))
     # a rank that fails is an error naming it, not a hang
     r = _torchrun(["run.py", str(tiny_dirs("gpt2")), "texts.json", str(tmp_path / "f"), "1"], tmp_path, timeout=300)
     assert r.returncode != 0 and "rank 1: a planned failure" in r.stderr + r.stdout

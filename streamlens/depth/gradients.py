@@ -46,22 +46,18 @@ from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.intervene.removal import drop_residual_hooks
 from streamlens.model import hooks
 from streamlens.model.loading import Model, as_model
+from streamlens.model.precision import up
 from streamlens.present.results import Result, fmt
 from streamlens.stream.inputs import Batch, Inputs, encode, recorded
 
 
 def check_gradient_model(model: Model) -> None:
-    """Refuse models whose blocks have no identity path or whose dtype makes the split inexact."""
+    """Refuse models whose blocks have no identity path."""
     if not model.arch.rule.additive:
         raise UnsupportedModelError(
             f"{model.name} is a post-norm model (layout 'post'): its skip connection passes through the norm "
             "(resid_post = ln(resid_pre + f(resid_pre))), so there is no identity path to split off; "
             "use gradients=False for the forward statistics only"
-        )
-    if model.dtype not in (torch.float32, torch.float64):
-        raise StreamlensError(
-            f"{model.name} runs in {model.dtype}; the gradient split is exact only in float32 or float64: "
-            "load it with dtype='float32'"
         )
 
 
@@ -216,8 +212,16 @@ def split_batch(model: Model, batch: Batch, *, target: int | None = None, drop: 
             update = post[l] if l in drop else post[l] - pre[l]
             (g_sub,) = torch.autograd.grad((update * g_post[l].detach()).sum(), pre[l], retain_graph=True)
             subs.append(g_sub.detach())
-    full = torch.stack([g.detach() for g in g_pre])
-    identity = torch.stack([torch.zeros_like(g) if l in drop else g.detach() for l, g in enumerate(g_post)])
+    # half precision: autograd ran in the model's dtype; the parts are returned in float32 (exact casts)
+    full = torch.stack([up(g.detach()) for g in g_pre])
+    identity = torch.stack([torch.zeros_like(up(g)) if l in drop else up(g.detach()) for l, g in enumerate(g_post)])
+    subs = [up(g) for g in subs]
+    for l in range(n):  # a gradient that overflowed (float16) is an error, never a NaN in the table
+        for what, t in (("full", full[l]), ("identity", identity[l]), ("sub-layer", subs[l])):
+            if not bool(torch.isfinite(t).all()):
+                raise StreamlensError(f"the {what} gradient at block {l}'s input of {model.name} is not finite "
+                                      f"(NaN or inf) in {model.dtype}" + ("; float16 overflows: load it with "
+                                      "dtype='bfloat16' or 'float32'" if model.dtype == torch.float16 else ""))
     norms = torch.stack([pre[l].detach().float().norm(dim=-1) for l in range(n)])  # (layer, batch, pos)
     return GradientSplit(tuple(range(n)), full, identity, torch.stack(subs), counted.cpu(), tuple(drop),
                          float(loss.detach()), norms)
@@ -230,7 +234,9 @@ def gradient_split(model: Model | object, inputs: Inputs, *, target: int | None 
     """Split ``∂L/∂resid_pre`` of every layer into its identity and sub-layer parts, for one batch.
 
     Args:
-        model: a :class:`~streamlens.Model` (pre-norm, parallel or sandwich layout; float32/float64).
+        model: a :class:`~streamlens.Model` (pre-norm, parallel or sandwich layout). In bfloat16/float16
+            autograd runs in the model's dtype and the parts come back in float32; ``identity + sublayer ==
+            full`` then holds to that dtype's rounding (the backward pass rounds their sum), not to float32's.
         inputs: a string, a list of strings (right-padded) or token ids.
         target: ``None`` for next-token cross-entropy, or a token id whose logit at each input's
             last real token is the loss.

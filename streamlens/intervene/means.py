@@ -21,49 +21,73 @@ def mean_writes(model, batches, over: str = "position") -> dict:
     ``z`` of layer ``l``; values ``(pos, d)`` (``over="position"``: mean over documents at each
     position) or ``(d,)`` (``over="all"``).
     """
-    arch, bridge = model.arch, model.bridge
     sums: dict = {}
     counts: dict = {}
     for batch in batches:
-        b, p = batch.input_ids.shape
-        raw: dict = {}
-        pts = []
-        for l in range(arch.n_layers):
-            keys = {("block", "in"), ("block", "out"), ("o", "in")}
-            for kind in ("attn", "mlp"):
-                keys.add(write_point(arch, Atom(kind, l)))
-                bp = base_point(arch, Atom(kind, l))
-                if bp:
-                    keys.add(bp)
-            for comp, side in keys:
-                hp = hooks.block_point(bridge, l, comp, side)
-                if hp is not None:
-                    pts.append((hp, lambda t, k=(l, comp, side): raw.__setitem__(
-                        k, (t.reshape(b, p, t.shape[-1]) if t.dim() == 2 else t).detach().double())))
-        with torch.no_grad(), hooks.attached(pts):
-            model.run(batch.input_ids, batch.mask)
-        mask = batch.mask.to(model.device).double()[..., None]  # (b, p, 1)
-        for l in range(arch.n_layers):
-            writes = {Atom("block", l): raw[(l, "block", "out")] - raw[(l, "block", "in")]}
-            for kind in ("attn", "mlp"):
-                w = raw.get((l, *write_point(arch, Atom(kind, l))))
-                bp = base_point(arch, Atom(kind, l))
-                if w is not None:
-                    writes[Atom(kind, l)] = w if bp is None else w - raw[(l, *bp)]
-            if (l, "o", "in") in raw:
-                writes[Atom("attn_z", l)] = raw[(l, "o", "in")]
-            for atom, w in writes.items():
-                s = (w * mask).sum(0)  # (p, d)
-                c = mask.sum(0)  # (p, 1)
-                if atom in sums:
-                    n = max(sums[atom].shape[0], p)
-                    sums[atom] = _pad_rows(sums[atom], n) + _pad_rows(s, n)
-                    counts[atom] = _pad_rows(counts[atom], n) + _pad_rows(c, n)
-                else:
-                    sums[atom], counts[atom] = s, c
+        add_write_sums(sums, counts, batch_write_sums(model, batch))
+    return finish_means(sums, counts, over)
+
+
+def batch_write_sums(model, batch) -> dict:
+    """``{atom: (sum, count)}`` of one batch: the float64 sum over its documents of every atom's write
+    at each position ``(p, d)`` and the number of non-padding tokens there ``(p, 1)``. Adding these in
+    batch order (:func:`add_write_sums`) is what :func:`mean_writes` does, so a pass sharded over
+    workers that adds the same per-batch sums in the same order gets the same bits."""
+    arch, bridge = model.arch, model.bridge
+    b, p = batch.input_ids.shape
+    raw: dict = {}
+    pts = []
+    for l in range(arch.n_layers):
+        keys = {("block", "in"), ("block", "out"), ("o", "in")}
+        for kind in ("attn", "mlp"):
+            keys.add(write_point(arch, Atom(kind, l)))
+            bp = base_point(arch, Atom(kind, l))
+            if bp:
+                keys.add(bp)
+        for comp, side in keys:
+            hp = hooks.block_point(bridge, l, comp, side)
+            if hp is not None:
+                pts.append((hp, lambda t, k=(l, comp, side): raw.__setitem__(
+                    k, (t.reshape(b, p, t.shape[-1]) if t.dim() == 2 else t).detach().double())))
+    with torch.no_grad(), hooks.attached(pts):
+        model.run(batch.input_ids, batch.mask)
+    out: dict = {}
+    for l in range(arch.n_layers):
+        writes = {Atom("block", l): raw[(l, "block", "out")] - raw[(l, "block", "in")]}
+        for kind in ("attn", "mlp"):
+            w = raw.get((l, *write_point(arch, Atom(kind, l))))
+            bp = base_point(arch, Atom(kind, l))
+            if w is not None:
+                writes[Atom(kind, l)] = w if bp is None else w - raw[(l, *bp)]
+        if (l, "o", "in") in raw:
+            writes[Atom("attn_z", l)] = raw[(l, "o", "in")]
+        for atom, w in writes.items():
+            mask = batch.mask.to(w.device).double()[..., None]  # (b, p, 1), where this block's write lives
+            out[atom] = ((w * mask).sum(0), mask.sum(0))  # (p, d), (p, 1)
+    return out
+
+
+def add_write_sums(sums: dict, counts: dict, part: dict) -> None:
+    """Add one batch's :func:`batch_write_sums` into the running ``sums`` and ``counts`` (in place)."""
+    for atom, (s, c) in part.items():
+        if atom in sums:
+            n = max(sums[atom].shape[0], s.shape[0])
+            sums[atom] = _pad_rows(sums[atom], n) + _pad_rows(s.to(sums[atom].device), n)
+            counts[atom] = _pad_rows(counts[atom], n) + _pad_rows(c.to(counts[atom].device), n)
+        else:
+            sums[atom], counts[atom] = s, c
+
+
+def finish_means(sums: dict, counts: dict, over: str = "position") -> dict:
+    """The mean writes from the summed :func:`batch_write_sums` (float32, where the sums are)."""
     if over == "all":
         return {a: (s.sum(0) / counts[a].sum()).float() for a, s in sums.items()}
     return {a: (s / counts[a].clamp_min(1)).float() for a, s in sums.items()}
+
+
+def atom_device(model, atom: Atom) -> torch.device:
+    """The device of the block that writes ``atom`` (where its write, and so its mean, is computed)."""
+    return hooks.param_device(model.bridge.blocks[atom.layer], model.device)
 
 
 def _pad_rows(x: Tensor, n: int) -> Tensor:

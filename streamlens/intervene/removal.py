@@ -70,9 +70,9 @@ def _mean_like(mean: Tensor, t: Tensor, n_pos: int) -> Tensor:
     """The mean write ``(pos, d)`` or ``(d,)`` laid out like ``t`` (``(b, p, d)`` or flattened ``(b*p, d)``)."""
     if mean is None:
         raise StreamlensError("mode 'mean' needs the mean writes of the data (internal: none were computed)")
-    if mean.dim() == 1:
-        return mean.to(t.dtype).expand_as(t).clone()
-    m = mean[:n_pos].to(t.dtype)  # (p, d)
+    if mean.dim() == 1:  # moved to where the write is replaced: the device of the block that writes it
+        return mean.to(device=t.device, dtype=t.dtype).expand_as(t).clone()
+    m = mean[:n_pos].to(device=t.device, dtype=t.dtype)  # (p, d)
     if t.dim() == 3:
         return m.expand(t.shape[0], -1, -1).clone()
     return m.repeat(t.shape[0] // n_pos, 1)

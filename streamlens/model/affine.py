@@ -19,14 +19,24 @@ from torch import Tensor, nn
 
 from streamlens.errors import UnsupportedModelError
 from streamlens.model import hooks
+from streamlens.model.precision import is_low
 
 if TYPE_CHECKING:
     from streamlens.model.loading import Model
 
 
 def measure(module: nn.Module, width: int) -> tuple[Float[Tensor, "width d_out"], Float[Tensor, " d_out"]]:
-    """``(W, b)`` of an affine ``module`` taking ``width`` inputs, in float32: ``module(x) = x @ W + b``."""
+    """``(W, b)`` of an affine ``module`` taking ``width`` inputs, in float32: ``module(x) = x @ W + b``.
+
+    A bfloat16/float16 module is measured on a float32 copy of itself: in half precision ``f(I)`` would be
+    ``W + b`` rounded, so ``f(I) − b`` would not give back ``W`` (the copy's ``W`` and ``b`` are the stored
+    half-precision values exactly)."""
     p = next(module.parameters())
+    if is_low(p.dtype):
+        import copy
+
+        module = copy.deepcopy(module).float()
+        p = next(module.parameters())
     with torch.no_grad():
         b = module(torch.zeros(1, width, device=p.device, dtype=p.dtype)).float()[0]
         w = module(torch.eye(width, device=p.device, dtype=p.dtype)).float() - b

@@ -112,6 +112,14 @@ def global_point(bridge: nn.Module, component: str, side: str) -> nn.Module | No
     return hook_point(child(bridge, component), side)
 
 
+def param_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where ``module`` computes: its first parameter's device (``default`` without one, or on ``meta``:
+    weights offloaded by a ``device_map`` are brought in by the module's own hooks). With blocks on several
+    devices, a tensor replayed into a block, or a mean write added in it, is moved here first."""
+    p = next(module.parameters(), None)
+    return default if p is None or p.device.type == "meta" else p.device
+
+
 # every module of a registered model -> that model's lock (weak: a model that is dropped is forgotten)
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from streamlens.errors import UnsupportedModelError
 from streamlens.model.affine import down_projection
+from streamlens.model.precision import check_tol, up
 from streamlens.readout.components import BatchDecomposition, Component
 
 if TYPE_CHECKING:
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 def neuron_values(model: Model, layer: int, acts: Tensor, mlp_write: Tensor, scale: Tensor, u: Tensor) -> Tensor:
     """Each neuron's contribution ``(b, s, k, d_mlp)`` to the readout ``u`` ``(b, s, k, d)`` at the frozen ``scale``."""
     w, b_down, _ = down_projection(model, layer)
+    acts, mlp_write = up(acts), up(mlp_write)  # half precision: checked and split in float32
     err = ((acts @ w + b_down - mlp_write).norm() / mlp_write.norm().clamp_min(1e-12)).item()
-    if err > 1e-4:
+    if not err <= check_tol(model.dtype, 1e-4):  # the model's own write carries its rounding
         raise UnsupportedModelError(
             f"layer {layer}: the down projection's input (the neuron activations) times its weights does not give the "
             f"MLP write (relative error {err:.1e}), so neuron contributions would not add up"

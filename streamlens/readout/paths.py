@@ -32,6 +32,7 @@ from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.intervene.units import parse_heads
 from streamlens.model import hooks
 from streamlens.model.loading import as_model
+from streamlens.model.precision import check_tol, up
 from streamlens.present.results import Result, fmt
 from streamlens.readout.sources import NOTE_QK, check_source_target, readout_rows, source_valid
 from streamlens.readout.targets import readout, resolve
@@ -233,7 +234,8 @@ def _paths_of_head(model, L: int, H: int, reads, named: dict[str, Tensor], write
     a = model.arch
     ln1 = model.block_norms.get((L, "ln1"))
     x = named["resid_pre"]  # (b, P, d): what the attention norm reads at every source
-    if ln1 is None or not (ln1(x) - reads.v_in).norm() <= 1e-4 * reads.v_in.norm():
+    v_in = up(reads.v_in)  # float32 (a half-precision norm of the whole tensor could overflow)
+    if ln1 is None or not (ln1(x) - v_in).norm() <= check_tol(model.dtype, 1e-4) * v_in.norm():
         raise UnsupportedModelError(f"{model.name}: layer {L}'s values are not computed from its attention norm of the "
                                     "block input (ln1(resid_pre)), so they do not split over upstream writes")
     r = write_norm_adjoint(model, L, reads, r)

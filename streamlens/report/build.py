@@ -37,8 +37,9 @@ from streamlens.present import tables
 from streamlens.present.html import HtmlReport
 from streamlens.present.results import Result
 from streamlens.errors import StreamlensError, UnsupportedModelError
+from streamlens.model.precision import check_tol
 
-CLOSURE_TOL = 1e-4
+CLOSURE_TOL = 1e-4  # float32; bfloat16/float16 models: check_tol (their own rounding)
 DECOMPOSE_TOL = 1e-4
 LENS_KL_CLOSE = 0.5  # nats: "the lens already reads nearly the final distribution"
 
@@ -149,7 +150,7 @@ def _section_trace(run: _Run, prompts: list[str], texts: list[str], *, batch_siz
     tr = trace(model, prompts, prepend_bos=run.prepend_bos)
     err = tr.closure_error()
     run.html.section("Residual-stream trace")
-    run.html.check("Trace closure (resid_post = resid_pre + attn_out + mlp_out)", err, CLOSURE_TOL,
+    run.html.check("Trace closure (resid_post = resid_pre + attn_out + mlp_out)", err, check_tol(model.dtype, CLOSURE_TOL),
                    what=f"largest relative deviation over {int(tr.mask.sum())} positions and {len(tr.layers)} layers")
     run.stat("trace", "closure error", err)
     df = tr.to_dataframe()
@@ -191,7 +192,8 @@ def _section_decompose(run: _Run, prompts: list[str]) -> None:
     layer_df, head_df = layer_dec.to_dataframe(), head_dec.to_dataframe()
     targets = layer_df.drop_duplicates("prompt")["target"].tolist()
     run.html.section(title)
-    run.html.check("Decomposition exactness (sum of components + bias = the model's logit)", err, DECOMPOSE_TOL,
+    run.html.check("Decomposition exactness (sum of components + bias = the model's logit)", err,
+                   check_tol(run.model.dtype, DECOMPOSE_TOL),
                    what=f"{len(prompts)} prompts; targets are the model's own top-1 tokens: {targets}")
     run.stat("decompose", "exactness error", err)
     run.csv("decompose_layer", layer_df)
@@ -225,7 +227,7 @@ def _section_attention(run: _Run, prompts: list[str]) -> None:
     src = df[df["kind"] == "source"]
     run.html.section(title)
     run.html.check("Per-source exactness (heads split by source position, + the rest = the model's logit)", err,
-                   DECOMPOSE_TOL, what=f"prompt {prompts[0]!r}, target {src['target'].iloc[0]!r}")
+                   check_tol(run.model.dtype, DECOMPOSE_TOL), what=f"prompt {prompts[0]!r}, target {src['target'].iloc[0]!r}")
     run.stat("attention", "per-source exactness error", err)
     run.csv("decompose_source", src)
     per_head = src.groupby(["layer", "head"])["value"].sum()

@@ -139,7 +139,7 @@ def stacked_tail(model, c, units: Sequence[Unit], mode: str, means: dict | None)
         for j in range(L + 1):
             joining = [c.resid[start] for (start, enter), _, _ in plan if enter == j]
             if joining:
-                dev = c.resid[min(j, L)].device
+                dev = c.resid[L].device if j == L else hooks.param_device(m.bridge.blocks[j], c.resid[j].device)
                 new = torch.cat([t.to(dev) for t in joining])
                 x = new if x is None else torch.cat([x.to(dev), new])
                 state["n"] += len(joining)
@@ -147,7 +147,7 @@ def stacked_tail(model, c, units: Sequence[Unit], mode: str, means: dict | None)
                 continue
             args, kwargs = c.calls[j]
             n = state["n"]
-            x = x.to(c.resid[j].device)
+            x = x.to(hooks.param_device(m.bridge.blocks[j], c.resid[j].device))
             out = m.bridge.blocks[j](x, *_expand(args, b, n), **_expand(kwargs, b, n))
             x = out[0] if isinstance(out, tuple) else out
         x = x.to(c.resid[L].device)

@@ -8,6 +8,14 @@ rank, so each sum is its own value plus zeros: the gathered sums, and so the tab
 intervals, are exactly those of a single process. ``gloo`` runs on CPUs, ``nccl`` on GPUs (the sums go
 through the GPU of the rank).
 
+The mean writes of ``mode="mean"`` (one extra pass over all the data) are sharded the same way: rank
+``k`` computes the per-batch write sums of batches ``i % N == k``; round by round (``N`` batches at a
+time, so memory stays that of ``N`` batches' sums) they are all-gathered and every rank adds them in
+batch order, exactly as one process adds them, so every rank's means are bit for bit the single
+process's (an all-reduce would add in another order). Independent shard jobs cannot exchange sums:
+each computes the mean writes over all the data itself (one clean forward pass, beside the many
+removal passes of its share of the sweep).
+
 Independent jobs (a SLURM array) use ``shard=(i, n)`` instead: the same assignment, each job writing
 its own document-sums file, joined by :func:`streamlens.skip.merge.merge_shards`.
 """
@@ -78,10 +86,55 @@ def all_sum(t: Tensor, shard: Shard, device) -> Tensor:
     try:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     except Exception as e:  # gloo raises RuntimeError/DistBackendError when a peer is gone
-        raise StreamlensError(f"rank {shard.index} of {shard.count}: gathering the per-document sums failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another rank "
-                              "probably failed: see its error; a restart with --resume continues from the files written") from e
+        raise _failed(shard, "gathering the per-document sums", e) from e
     return buf.to(t.device)
+
+
+def _failed(shard: Shard, what: str, e: Exception) -> StreamlensError:
+    return StreamlensError(f"rank {shard.index} of {shard.count}: {what} failed "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another rank "
+                           "probably failed: see its error; a restart with --resume continues from the files written")
+
+
+def in_batch_order(compute, n: int, shard: Shard):
+    """``compute(i)`` for every batch ``i < n``, yielded in batch order on every rank, each computed once:
+    on rank ``i % N`` (under a process group; every ``i`` here without one). Results are all-gathered
+    ``N`` at a time (``all_gather_object``: return CPU tensors)."""
+    if not shard.collective:
+        for i in range(n):
+            yield compute(i)
+        return
+    import torch.distributed as dist
+
+    for first in range(0, n, shard.count):
+        i = first + shard.index
+        got: list = [None] * shard.count
+        try:
+            dist.all_gather_object(got, compute(i) if i < n else None)
+        except Exception as e:  # a peer that failed or left
+            raise _failed(shard, f"gathering batch results {first}..{min(first + shard.count, n) - 1}", e) from e
+        yield from got[: n - first]
+
+
+def mean_writes(model, batches: list, over: str, shard: Shard | None = None) -> dict:
+    """:func:`streamlens.intervene.means.mean_writes`, with the batches shared over the ranks under a process
+    group (see the module docstring): the same bits on every rank as one process computing all of them."""
+    from streamlens.intervene import means
+
+    shard = shard or current()
+    if not shard.collective:
+        return means.mean_writes(model, batches, over)
+
+    def on_cpu(i):
+        return {a: (s.cpu(), c.cpu()) for a, (s, c) in means.batch_write_sums(model, batches[i]).items()}
+
+    sums: dict = {}
+    counts: dict = {}
+    for part in in_batch_order(on_cpu, len(batches), shard):
+        # back where one process would have added them: the device of the block that wrote them
+        means.add_write_sums(sums, counts, {a: (s.to(means.atom_device(model, a)), c.to(means.atom_device(model, a)))
+                                            for a, (s, c) in part.items()})
+    return means.finish_means(sums, counts, over)
 
 
 def all_max(value: int, shard: Shard) -> int:

@@ -45,18 +45,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import Tensor
 
 from streamlens.errors import StreamlensError
-from streamlens.intervene.means import mean_writes
-from streamlens.intervene.units import Unit, all_units, check_mode, combine, parse_unit
+from streamlens.intervene.units import Unit, check_mode, combine, parse_unit
 from streamlens.model.loading import Model, as_model
 from streamlens.skip import distributed
 from streamlens.skip.batched import parse_bytes, stacked_tail, variants_per_pass
 from streamlens.skip.docsums import DocSums, describe_positions, load_done, weights_checksum
-from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS, metric_names, resample_indices, row_metrics, stored_names
+from streamlens.skip.metrics import metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, LatestClean, check_prefix, full, tail, tokenize
 from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
@@ -223,8 +221,8 @@ class LayerSkipEvaluator:
 
     def ensure_means(self) -> dict:
         """The mean writes over the whole data set for ``mode="mean"``: one extra streaming pass, done once."""
-        if self._means is None:
-            self._means = mean_writes(self.model, (b for _, b, _ in self._data), self.mean_over)
+        if self._means is None:  # under a process group the ranks share the pass (same bits as one process)
+            self._means = distributed.mean_writes(self.model, [b for _, b, _ in self._data], self.mean_over)
         return self._means
 
     means = property(lambda self: self._means, doc="The mean writes (None until a mean-mode removal needed them).")
@@ -375,22 +373,18 @@ class LayerSkipEvaluator:
         return run_shard(self, unit, shard=shard, out=out, mode=mode, metrics=metrics, width=width, resume=resume)
 
     def prune(self, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
-              metrics: Sequence[str] = ("kl", "ce", "top1")) -> SkipSweep:
+              metrics: Sequence[str] = ("kl", "ce", "top1"), out: str | Path | None = None,
+              resume: bool = False) -> SkipSweep:
         """Greedy pruning curve: ``count`` times, remove the unit whose removal (with those already removed)
         hurts least by ``by``; one row per step (step 0 removes nothing). Each step is one streaming pass
-        measuring every candidate."""
-        names = self.metric_names(metrics)
-        by = METRICS.get(by, by)
-        if by not in names:
-            raise StreamlensError(f"by={by!r} must be one of the metrics computed: {names}")
-        if unit not in ("block", "attn", "mlp", "head"):
-            raise StreamlensError(f"pruning removes single units: unit must be block/attn/mlp/head, got {unit!r}")
-        pool = all_units(self.model, unit)
-        if not isinstance(count, int) or not 1 <= count <= len(pool):
-            raise StreamlensError(f"count={count!r} must be between 1 and the {len(pool)} {unit} units of the model")
-        rows = greedy_prune(self, pool, count, mode, names, by, HIGHER_IS_WORSE.get(by, True))
-        return SkipSweep("prune", mode, tuple(names), pd.DataFrame(rows), self.model.name, self.n_docs, self.strategy,
-                         self.strategy_reason)
+        measuring every candidate (under ``torchrun`` its batches are shared by the ranks).
+
+        ``out``: a ``.csv``/``.jsonl`` file the curve is written to as each step finishes; ``resume=True``
+        continues after the last finished step (:mod:`streamlens.skip.prunelog`; other settings are refused).
+        """
+        from streamlens.skip.sweeps import prune_curve
+
+        return prune_curve(self, count, unit, mode, by, self.metric_names(metrics), out, resume)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -171,7 +171,7 @@ def tail(model, c: CleanBatch, unit: Unit, mode: str, means: dict | None, start:
             if j in skipped:
                 continue
             args, kwargs = c.calls[j]
-            x = x.to(c.resid[j].device)  # blocks on several devices: each runs where it lives
+            x = x.to(hooks.param_device(m.bridge.blocks[j], c.resid[j].device))  # blocks on several devices: each runs where it lives
             out = m.bridge.blocks[j](x, *args, **kwargs)
             x = out[0] if isinstance(out, tuple) else out
             if watch is not None:

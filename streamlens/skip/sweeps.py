@@ -153,13 +153,57 @@ def run_rows(ev, units: list[Unit], mode: str, names: list[str], compute, *, out
     return rows
 
 
-def greedy_prune(ev, pool: list[Unit], count: int, mode: str, names: list[str], by: str, higher_is_worse: bool):
+def prune_curve(ev, count: int, unit: str, mode: str, by: str, names: list[str], out=None,
+                resume: bool = False) -> SkipSweep:
+    """:meth:`LayerSkipEvaluator.prune`: the arguments checked, the log opened, the greedy curve run."""
+    from streamlens.skip import distributed
+    from streamlens.skip.metrics import HIGHER_IS_WORSE, METRICS
+
+    by = METRICS.get(by, by)
+    if by not in names:
+        raise StreamlensError(f"by={by!r} must be one of the metrics computed: {names}")
+    if unit not in ("block", "attn", "mlp", "head"):
+        raise StreamlensError(f"pruning removes single units: unit must be block/attn/mlp/head, got {unit!r}")
+    pool = all_units(ev.model, unit)
+    if not isinstance(count, int) or not 1 <= count <= len(pool):
+        raise StreamlensError(f"count={count!r} must be between 1 and the {len(pool)} {unit} units of the model")
+    log = None
+    if out is not None:
+        from streamlens.skip.prunelog import PruneLog
+
+        shard = distributed.current()
+        log = PruneLog(out, {"fingerprint": {**ev.fingerprint(pool, mode, names), "kind": "prune", "by": by}},
+                       resume, write=distributed.is_writer(shard))
+        distributed.barrier(shard)  # every rank has read the log before rank 0 writes to it
+    rows = greedy_prune(ev, pool, count, mode, names, by, HIGHER_IS_WORSE.get(by, True), log)
+    return SkipSweep("prune", mode, tuple(names), pd.DataFrame(rows), ev.model.name, ev.n_docs, ev.strategy,
+                     ev.strategy_reason)
+
+
+def greedy_prune(ev, pool: list[Unit], count: int, mode: str, names: list[str], by: str, higher_is_worse: bool,
+                 log=None):
+    """The greedy curve's rows (step 0 removes nothing). ``log`` (a :class:`streamlens.skip.prunelog.PruneLog`)
+    holds the steps an earlier run finished, which are reused, and records each new step as it finishes."""
     from tqdm.auto import tqdm
 
-    removed: list[Unit] = []
-    rows = [{"step": 0, "unit": "none", "removed": "", **ev.evaluate([], mode, names)}]
-    bar = tqdm(total=count, desc="prune", unit="step", disable=not ev.progress)
-    for step in range(1, count + 1):
+    rows = [] if log is None else list(log.rows[: count + 1])
+    if log is not None:
+        log.start()
+    by_label = {u.label: u for u in pool}
+    unknown = [r["unit"] for r in rows[1:] if r["unit"] not in by_label]
+    if unknown:
+        raise StreamlensError(f"the pruning log removes {unknown}, which are not units of this curve")
+    removed: list[Unit] = [by_label[r["unit"]] for r in rows[1:]]
+
+    def finished(row):
+        rows.append(row)
+        if log is not None:
+            log.append(row)
+
+    if not rows:
+        finished({"step": 0, "unit": "none", "removed": "", **ev.evaluate([], mode, names)})
+    bar = tqdm(total=count, initial=len(rows) - 1, desc="prune", unit="step", disable=not ev.progress)
+    for step in range(len(rows), count + 1):
         best, best_row = None, None
         cands = [u for u in pool if u not in removed]
         results = ev.evaluate_many([combine(removed + [u]) for u in cands], mode, names)
@@ -169,7 +213,7 @@ def greedy_prune(ev, pool: list[Unit], count: int, mode: str, names: list[str], 
             if best_row is None or (not math.isnan(score) and score < best):
                 best, best_row, best_u = score, r, u
         removed.append(best_u)
-        rows.append({"step": step, "unit": best_u.label, "removed": "+".join(x.label for x in removed),
-                     "layer": best_u.layer, "head": best_u.head, **best_row})
+        finished({"step": step, "unit": best_u.label, "removed": "+".join(x.label for x in removed),
+                  "layer": best_u.layer, "head": best_u.head, **best_row})
     bar.close()
     return rows

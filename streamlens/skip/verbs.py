@@ -21,7 +21,8 @@ def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequen
     """
     if prune is not None:
         warnings.warn("skip_sweep(prune=N) is now prune_sweep(model, data, N)", DeprecationWarning, stacklevel=2)
-        return prune_sweep(model, data, prune, unit=unit, mode=mode, metrics=metrics, **evaluator_kwargs)
+        return prune_sweep(model, data, prune, unit=unit, mode=mode, metrics=metrics, out=out, resume=resume,
+                           **evaluator_kwargs)
     from streamlens.skip.evaluator import LayerSkipEvaluator
 
     ev = LayerSkipEvaluator(model, data, **evaluator_kwargs)
@@ -30,10 +31,12 @@ def skip_sweep(model, data, *, unit="block", mode: str = "skip", metrics: Sequen
 
 @recorded
 def prune_sweep(model, data, count: int, *, unit: str = "block", mode: str = "skip", by: str = "kl",
-                metrics: Sequence[str] = ("kl", "ce", "top1"), **evaluator_kwargs) -> SkipSweep:
+                metrics: Sequence[str] = ("kl", "ce", "top1"), out=None, resume: bool = False,
+                **evaluator_kwargs) -> SkipSweep:
     """Greedy pruning curve (:meth:`LayerSkipEvaluator.prune`): ``count`` steps, each removing the unit that
-    hurts least by ``by`` together with those already removed; one row per step."""
+    hurts least by ``by`` together with those already removed; one row per step. ``out=`` writes each
+    step as it finishes and ``resume=True`` continues after the last one (:mod:`streamlens.skip.prunelog`)."""
     from streamlens.skip.evaluator import LayerSkipEvaluator
 
     ev = LayerSkipEvaluator(model, data, **evaluator_kwargs)
-    return ev.prune(count, unit=unit, mode=mode, by=by, metrics=metrics)
+    return ev.prune(count, unit=unit, mode=mode, by=by, metrics=metrics, out=out, resume=resume)

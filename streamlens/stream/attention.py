@@ -49,6 +49,7 @@ from streamlens.errors import StreamlensError, UnsupportedModelError
 from streamlens.model import hooks
 from streamlens.model.affine import measure
 from streamlens.model.hooks import select_positions_of
+from streamlens.model.precision import check_tol
 from streamlens.present.results import Result
 
 #: Largest relative gap allowed between ``Σ_k A v`` and the z the output projection receives (float32).
@@ -183,8 +184,11 @@ class AttentionReader:
                 out.append((hp, lambda t, grab=grab, key=key: grab(t, key=key)))
         return out
 
-    def check_layer(self, layer: int, mask: Tensor | None = None, tol: float = READ_TOL) -> float:
-        """``‖Σ_k A v − z‖ / ‖z‖`` at ``layer`` (real queries where ``mask`` says); refuses the model above ``tol``."""
+    def check_layer(self, layer: int, mask: Tensor | None = None, tol: float | None = None) -> float:
+        """``‖Σ_k A v − z‖ / ‖z‖`` at ``layer`` (real queries where ``mask`` says); refuses the model above ``tol``
+        (default ``READ_TOL``; in half precision :func:`streamlens.model.precision.check_tol` of it, since ``z``
+        is the model's own rounded value while ``Σ_k A v`` is computed in float32 from the stored ``A`` and ``v``)."""
+        tol = check_tol(self.model.dtype, READ_TOL) if tol is None else tol
         if layer not in self.reads:
             raise UnsupportedModelError(
                 f"{self.model.name}: layer {layer}'s attention did not hand over its pattern, values and mixed values "
@@ -199,7 +203,7 @@ class AttentionReader:
             )
         return err
 
-    def check(self, mask: Tensor | None = None, tol: float = READ_TOL) -> float:
+    def check(self, mask: Tensor | None = None, tol: float | None = None) -> float:
         """The largest :meth:`check_layer` gap over the recorded layers."""
         return max((self.check_layer(l, mask, tol) for l in self.layers), default=0.0)
 

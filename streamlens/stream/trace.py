@@ -58,6 +58,7 @@ from streamlens.model import hooks
 from streamlens.model.layouts import SUBLAYERS
 from streamlens.model.loading import Model, as_model
 from streamlens.model.norms import NormSpec
+from streamlens.model.precision import up
 from streamlens.model.probe import Architecture
 from streamlens.present.results import Result, fmt
 from streamlens.stream.attention import AttentionReader, source_writes
@@ -247,8 +248,9 @@ class ResidualTrace(Result):
 def _storer(store_dtype, store_device, *, copy: bool):
     # ``copy``: a hook's tensor is the model's own activation, so keeping it needs a copy; a
     # position-gathered tensor is new already and is only moved or cast.
+    # by default a bfloat16/float16 activation is kept in float32 (an exact cast: results come back in float32)
     def store(t: Tensor) -> Tensor:
-        return t.to(device=store_device or t.device, dtype=store_dtype or t.dtype, copy=copy)
+        return t.to(device=store_device or t.device, dtype=store_dtype or up(t).dtype, copy=copy)
 
     return store
 
@@ -285,7 +287,9 @@ def trace(
             (``head_source_out``, ``(batch, sel, head, source, d_model)``; implies ``patterns`` and
             ``heads``). Its size is ``batch × sel × heads × pos × d_model`` per layer: choose
             ``positions`` (e.g. ``"last"``) to keep it small.
-        store_dtype: dtype to store activations in (e.g. ``torch.float16`` to halve memory).
+        store_dtype: dtype to store activations in (e.g. ``torch.float16`` to halve memory). Default: the
+            model's own dtype, except that a bfloat16/float16 model's activations are kept in float32
+            (exactly the model's values; ``store_dtype=torch.bfloat16`` keeps them as they are).
         store_device: where to keep them (e.g. ``"cpu"`` while the model runs on a GPU).
         prepend_bos: put the tokenizer's BOS token in front of each text (None, the default: when it
             has one; see :mod:`streamlens.stream.inputs`); recorded in the result.
@@ -322,7 +326,7 @@ def trace(
         logits = capture(model, batch, None if positions is None else pos_idx, layers=layers_t, sublayers=subs,
                          heads=heads, store=store, on_layer=on_layer, on_global=on_global)
     # The logits are a fresh tensor already: move or cast them, never copy them (50k x pos floats).
-    acts[("logits", None)] = logits.to(device=store_device or logits.device, dtype=store_dtype or logits.dtype)
+    acts[("logits", None)] = logits.to(device=store_device or logits.device, dtype=store_dtype or up(logits).dtype)
     if model.final_norm is not None and ("final_in", None) in acts:
         acts[("final_scale", None)] = model.final_norm.scale(acts[("final_in", None)])
     norms = dict(model.block_norms)
