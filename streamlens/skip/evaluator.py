@@ -57,7 +57,7 @@ from streamlens.skip.docsums import DocSums, describe_positions, load_done, weig
 from streamlens.skip.metrics import metric_names, resample_indices, row_metrics, stored_names
 from streamlens.skip.tasks import Task
 from streamlens.skip.streaming import CleanBatch, LatestClean, check_prefix, full, tail, tokenize
-from streamlens.skip.sweeps import SkipSweep, greedy_prune, run_rows, sweep_table, sweep_units, unit_columns
+from streamlens.skip.sweeps import SkipSweep, run_rows, sweep_table, sweep_units, unit_columns
 from streamlens.stream.inputs import check_batch_size, load_texts
 
 __all__ = ["CleanBatch", "LayerSkipEvaluator", "prune_sweep", "skip_sweep"]
