@@ -59,10 +59,10 @@ SCRIPT = textwrap.dedent("""
     blocks = ev.sweep("block", metrics=("kl", "ce"))
     sweep.to_dataframe().to_pickle(out + ".rank%d.pkl" % dist.get_rank())
     blocks.to_dataframe().to_pickle(out + ".blocks%d.pkl" % dist.get_rank())
-    from streamlens.skip import evaluator as evmod
+    from streamlens.skip import streaming as smod
     batches = []  # each pruning step's streaming pass is sharded too: the clean passes this rank ran
-    real = evmod.clean_pass
-    evmod.clean_pass = lambda model, batch, sel, lo, *a, **k: (batches.append(lo), real(model, batch, sel, lo, *a, **k))[1]
+    real = smod.clean_pass
+    smod.clean_pass = lambda model, batch, sel, lo, *a, **k: (batches.append(lo), real(model, batch, sel, lo, *a, **k))[1]
     curve = ev.prune(2, unit="head", mode="mean", out=out + ".curve.csv")
     curve.to_dataframe().to_pickle(out + ".curve%d.pkl" % dist.get_rank())
     json.dump(batches, open(out + ".batches%d.json" % dist.get_rank(), "w"))
