@@ -100,3 +100,32 @@ def test_train_mode_warns_on_load_and_refuses_later(tiny_dirs):
         sl.trace(m, "hello")
     m.hf.eval()
     sl.trace(m, "hello")
+
+
+# ------------------------------------------------------------------------- the probe does not hide real errors
+@pytest.mark.parametrize("exc", [MemoryError("out of host memory"), torch.OutOfMemoryError("CUDA out of memory"),
+                                 KeyboardInterrupt()])
+def test_the_probe_lets_resource_errors_and_interrupts_through(tiny_dirs, monkeypatch, exc):
+    """Out of memory or interrupted is not "the bridge cannot run this model": the original exception propagates."""
+    from transformers.models.llama import modeling_llama
+
+    def boom(self, *args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", boom)
+    with pytest.raises(type(exc)) as got:
+        sl.load(str(tiny_dirs("llama")))
+    assert got.value is exc and not isinstance(got.value, sl.StreamlensError)
+
+
+def test_a_forward_error_is_refused_quoting_the_original(tiny_dirs, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    def boom(self, *args, **kwargs):
+        raise ValueError("rotary table too short\nsecond line")
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", boom)
+    with pytest.raises(sl.UnsupportedModelError, match=r"cannot run this model's forward pass "
+                                                    r"\(ValueError: rotary table too short\)$") as got:
+        sl.load(str(tiny_dirs("llama")))
+    assert isinstance(got.value.__cause__, ValueError)

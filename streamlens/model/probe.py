@@ -305,7 +305,10 @@ def probe(model: Model) -> Architecture:
     ids = (torch.arange(n) * 7 + 3)[None] % d_vocab
     try:
         rec, logits = _record_all(model, ids, torch.ones_like(ids, dtype=torch.bool))
+    except torch.OutOfMemoryError:  # a RuntimeError, but the machine's fault, not the model's: never a refusal
+        raise
     except (RuntimeError, AttributeError, TypeError, ValueError, IndexError) as e:
+        # MemoryError, KeyboardInterrupt and anything else not listed propagate unchanged.
         raise UnsupportedModelError(
             f"{model.name}: the TransformerBridge cannot run this model's forward pass "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
