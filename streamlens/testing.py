@@ -241,6 +241,9 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "Qwen3_5ForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
     "Qwen3_5MoeForCausalLM": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
     "RecurrentGemmaForCausalLM": dict(num_hidden_layers=2, block_types=["recurrent", "attention"]),
+    # attention and Mamba side by side, each with its own output multiplier (1 by default)
+    "FalconH1ForCausalLM": dict(attention_out_multiplier=0.5, ssm_out_multiplier=0.75, attention_in_multiplier=1.5,
+                                mlp_multipliers=[1.25, 0.8]),
     "DeepseekV2ForCausalLM": dict(first_k_dense_replace=1),
     "DeepseekV3ForCausalLM": dict(first_k_dense_replace=1),
 }

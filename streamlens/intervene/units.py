@@ -4,7 +4,8 @@ A *unit* is a block, a sub-layer (``attn``/``mlp``), one attention head, one rou
 mixture of experts, or a span of consecutive blocks. Labels: ``"block.3"``, ``"attn.3"``, ``"mlp.3"``,
 ``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4);
 in SSM, linear-attention and convolution blocks the token mixer is ``"mixer.3"``, ``"linear_attn.3"`` or
-``"conv.3"`` (the bridge's names; ``unit="attn"`` sweeps every block's token mixer). Several units
+``"conv.3"`` (the bridge's names; ``unit="attn"`` sweeps every block's token mixer); a writer beside the
+token mixer is named as the bridge names it (Falcon-H1's ``"mamba.3"``: ``unit="mamba"``). Several units
 removed together form a *set* (:func:`combine`).
 What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
 
@@ -22,7 +23,7 @@ from streamlens.errors import StreamlensError
 from streamlens.model import hooks
 from streamlens.model.experts import moe_layers, n_experts
 
-KINDS = ("block", "attn", "mlp", "head", "span", "expert")
+KINDS = ("block", "attn", "mlp", "head", "span", "expert", "mamba")
 #: Removal modes (see :mod:`streamlens.intervene.removal`).
 MODES = ("skip", "mean", "drop-residual")
 
@@ -56,7 +57,7 @@ class Unit:
 def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | None = None) -> Unit:
     """A checked single unit (``span`` takes ``layer`` as its start and a ``width``)."""
     a = model.arch
-    if kind not in KINDS + _MIXERS:
+    if kind not in KINDS + _MIXERS + _CO_WRITERS:
         raise StreamlensError(f"unknown unit {kind!r}; choose one of {KINDS} or a list of units")
     if kind == "span":
         if not isinstance(width, int) or width < 1:
@@ -78,6 +79,10 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
         if not isinstance(head, int) or not 0 <= head < a.n_heads:
             raise StreamlensError(f"head {head!r} does not exist: layer {layer} has {a.n_heads} heads (0..{a.n_heads - 1})")
         return Unit(f"head.{layer}.{head}", "head", (Atom("head", layer, head),), layer=layer, head=head)
+    if kind in _CO_WRITERS:  # a writer beside the token mixer (Falcon-H1's mamba): its own atom
+        if kind not in a.rule_of(layer).co_writers:
+            raise StreamlensError(f"block {layer} has no {kind!r} writer: its writers are {list(_writers(model, layer))}")
+        return Unit(f"{kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
     if kind in _MIXERS:  # the token-mixer slot, named as the bridge names it in this block
         actual = hooks.writer_name(model.bridge, layer, "attn")
         if actual != kind:
@@ -88,7 +93,9 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
 
 
 _MIXERS = ("mixer", "linear_attn", "conv")
-_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
+#: Writers that sit beside the token mixer and share its read, in the bridge's names (Falcon-H1).
+_CO_WRITERS = ("mamba",)
+_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv|mamba)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
 
 
 def parse_unit(model, spec) -> Unit:
@@ -140,11 +147,17 @@ def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
         units = [unit_of(model, "expert", l, e) for l in moe_layers(model) for e in range(n_experts(model, l))]
     else:
         units = [unit_of(model, kind, l) for l in range(a.n_layers)
-                 if kind in a.rule_of(l).slots and hooks.writer_name(model.bridge, l, kind) is not None]
+                 if kind in a.rule_of(l).co_writers
+                 or kind in a.rule_of(l).slots and hooks.writer_name(model.bridge, l, kind) is not None]
     if not units:
         raise StreamlensError(f"{model.name} has no {kind} units: its blocks' writers are "
                               f"{sorted({w for ws in a.writers for w in ws if w != '-'})}")
     return units
+
+
+def _writers(model, layer: int) -> tuple[str, ...]:
+    a = model.arch
+    return tuple(w for w in a.writers[layer] if w != "-") if a.writers else ("attn", "mlp")
 
 
 def check_mode(mode: str, unit: Unit) -> None:

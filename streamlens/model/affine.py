@@ -66,7 +66,12 @@ def down_projection(model: Model, layer: int) -> tuple[Float[Tensor, "d_mlp d_mo
     lin = out.original_component
     width = int(getattr(lin, "in_features", 0) or model.arch.d_mlp)
     w, b = measure(lin, width)
-    r = model.arch.write_scale  # scaled writes (Granite): the write is r · (act @ W + b)
+    # scaled writes (Granite's residual multiplier, Falcon-H1's MLP down multiplier applied after mlp.out):
+    # the write is r · (act @ W + b). Callers check the product against the recorded write (neurons.py).
+    r = model.arch.rule_of(layer).scale_of("mlp")
+    mults = getattr(getattr(model.hf, "config", None), "mlp_multipliers", None)
+    if isinstance(mults, (list, tuple)) and len(mults) == 2 and all(isinstance(v, (int, float)) for v in mults):
+        r *= float(mults[1])  # (gate multiplier, down multiplier)
     return (w, b, hp) if r == 1.0 else (w * r, b * r, hp)
 
 

@@ -90,7 +90,8 @@ def expert_writes(model: Model, layer: int, call: tuple[Tensor, Tensor, Tensor])
         for e in range(n_experts(model, layer)):
             outs.append(ex(hidden, idx, weights * (idx == e).to(weights.dtype)).float())
     w = torch.stack(outs)
-    return w * model.arch.write_scale if model.arch.write_scale != 1.0 else w
+    r = model.arch.rule_of(layer).scale_of("mlp")
+    return w * r if r != 1.0 else w
 
 
 @contextmanager

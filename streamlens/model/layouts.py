@@ -30,12 +30,21 @@ token mixer (attention, or the bridge's ``mixer`` / ``linear_attn`` / ``conv`` i
 and convolution blocks) and ``mlp`` the channel mixer (MLP or mixture of experts). Every rule above
 holds whatever fills the slots, so hybrid models (Jamba, Bamba, LFM2, Qwen3-Next) follow ``pre``.
 
-Two measured adjustments apply to any layout (:meth:`Layout.adjusted`):
+A slot may hold *several writers that share one read*: Falcon-H1 runs attention and a Mamba mixer side
+by side on the same normalised read (``input_layernorm``) and adds both writes to the stream. The
+token mixer's *co-writers* (``Layout.co_writers``, the bridge's names: ``mamba``) are named like the
+slots (``mamba_read``, ``mamba_read_normed``, ``mamba_out``), and every rule's token-mixer write is then
+``attn_out + Σ co_out``: ``resid_mid = resid_pre + attn_out + mamba_out``.
+
+Measured adjustments apply to any layout (:meth:`Layout.adjusted`):
 
 * *true writes*: where the bridge declares that a slot's write is a point inside it (its hook aliases
   ``hook_attn_out`` / ``hook_mlp_out``: Bloom's ``attn.o``, MPT's ``mlp.out``, whose sub-module outputs
   already include the residual), that point is the write;
-* *scaled writes*: ``x + r · f(x)`` with one residual multiplier ``r`` (Granite's ``residual_multiplier``).
+* *scaled writes*: ``x + r · f(x)`` with one residual multiplier ``r`` (Granite's ``residual_multiplier``),
+  or one multiplier per writer (Falcon-H1's ``attention_out_multiplier`` and ``ssm_out_multiplier``,
+  applied after the sub-module's output hook): ``Layout.scales``;
+* *co-writers*: the writers beside the token mixer named above.
 
 The probe keeps an adjustment only where the layout's equations then hold on the model's own numbers.
 """
@@ -73,26 +82,56 @@ class Layout:
     #: Measured adjustments (see :meth:`adjusted`): true write points per slot, and the residual multiplier.
     true_writes: Mapping[str, Point] = {}
     scale: float = 1.0
+    #: Writers beside the token mixer that share its read (Falcon-H1's ``mamba``), and per-writer scales.
+    co_writers: tuple[str, ...] = ()
+    scales: Mapping[str, float] = {}
 
     @property
     def has_resid_mid(self) -> bool:
         return self.resid_mid_point is not None
 
-    def adjusted(self, true_writes: Mapping[str, Point] | None = None, scale: float = 1.0) -> Layout:
-        """This rule with the writes read at ``true_writes`` (per slot) and multiplied by ``scale``."""
-        if not true_writes and scale == 1.0:
+    def adjusted(self, true_writes: Mapping[str, Point] | None = None, scale: float = 1.0,
+                 co_writers: Sequence[str] = (), scales: Mapping[str, float] | None = None) -> Layout:
+        """This rule with the writes read at ``true_writes`` (per slot) and multiplied by ``scale``, with
+        ``co_writers`` beside the token mixer and per-writer ``scales`` (overriding ``scale``; 1 is dropped)."""
+        scales = {w: float(v) for w, v in (scales or {}).items() if float(v) != 1.0}
+        if not true_writes and scale == 1.0 and not co_writers and not scales:
             return self
         out = copy.copy(self)
         out.true_writes, out.scale = dict(true_writes or {}), float(scale)
+        out.co_writers, out.scales = tuple(co_writers), scales
         return out
+
+    def scale_of(self, writer: str) -> float:
+        """The multiplier of ``writer``'s write (a slot or a co-writer): ``x + r · f(x)``."""
+        return self.scales.get(writer, self.scale)
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        """The writers of this rule, in the order they write: the token mixer, its co-writers, the channel mixer."""
+        return (self.slots[0], *self.co_writers, *self.slots[1:])
 
     @property
     def adjustments(self) -> str:
         """The adjustments in words ('' for none)."""
         parts = [f"{sub} writes at {'.'.join(p[:1])}.hook_{p[1]}" for sub, p in self.true_writes.items()]
+        parts += [f"{c} writes beside attn" for c in self.co_writers]
         if self.scale != 1.0:
             parts.append(f"writes scaled by {self.scale:g}")
+        parts += [f"{w} writes scaled by {v:g}" for w, v in sorted(self.scales.items())]
         return "; ".join(parts)
+
+    def mixer_write(self, named: Mapping[str, Tensor]) -> Tensor:
+        """The token-mixer slot's whole write: ``attn_out`` plus every co-writer's write."""
+        w = named["attn_out"]
+        for c in self.co_writers:
+            w = w + named[f"{c}_out"]
+        return w
+
+    @property
+    def mixer_terms(self) -> str:
+        """``attn_out`` (``attn_out + mamba_out`` with co-writers), for the equations' statements."""
+        return " + ".join(["attn_out", *(f"{c}_out" for c in self.co_writers)])
 
     # ------------------------------------------------------------------ declarations
     resid_mid_point: ClassVar[Point | None] = ("ln2", "in")
@@ -130,8 +169,8 @@ class Layout:
         ``norm(component)`` gives the block's norm ``component`` as a function (used by post-norm).
         """
         pre, post = named["resid_pre"], named["resid_post"]
-        mid, attn, mlp = named["resid_mid"], named["attn_out"], named["mlp_out"]
-        return [("resid_mid = resid_pre + attn_out", mid, pre + attn),
+        mid, attn, mlp = named["resid_mid"], self.mixer_write(named), named["mlp_out"]
+        return [(f"resid_mid = resid_pre + {self.mixer_terms}", mid, pre + attn),
                 ("resid_post = resid_mid + mlp_out", post, mid + mlp)]
 
     # ------------------------------------------------------------------ shared
@@ -146,6 +185,8 @@ class Layout:
                 pts.add(self.base_point(sub))
             if self.read_normed_point(sub, has_ln2) is not None:
                 pts.add(self.read_normed_point(sub, has_ln2))
+        if "attn" in sublayers:
+            pts |= {(c, "out") for c in self.co_writers}
         return pts
 
     def head_points(self) -> set[Point]:
@@ -163,7 +204,7 @@ class Layout:
         w = raw[self.write_point(sub)]
         base = self.base_point(sub)
         w = w if base is None else w - raw[base]
-        return w if self.scale == 1.0 else w * self.scale
+        return w if self.scale_of(sub) == 1.0 else w * self.scale_of(sub)
 
     def named(self, raw: Mapping[Point, Tensor], sublayers: Sequence[str], has_ln2: bool) -> dict[str, Tensor]:
         """One layer's named tensors from its raw points (aliases share storage: ``attn_read`` is ``resid_pre``)."""
@@ -176,10 +217,15 @@ class Layout:
             out[f"{sub}_read"] = reads[sub]
             out[f"{sub}_read_normed"] = reads[sub] if normed is None else raw[normed]
             out[f"{sub}_out"] = self.write(raw, sub)
+        for c in self.co_writers if "attn" in sublayers else ():  # they share the token mixer's read
+            out[f"{c}_read"], out[f"{c}_read_normed"] = out["attn_read"], out["attn_read_normed"]
+            w = raw[(c, "out")]
+            out[f"{c}_out"] = w if self.scale_of(c) == 1.0 else w * self.scale_of(c)
         return out
 
     def _key(self) -> tuple:
-        return self.name, tuple(sorted(self.true_writes.items())), self.scale
+        return (self.name, tuple(sorted(self.true_writes.items())), self.scale, self.co_writers,
+                tuple(sorted(self.scales.items())))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Layout) and self._key() == other._key()
@@ -207,7 +253,8 @@ class Parallel(Layout):
 
     def equations(self, named, norm):
         pre, post = named["resid_pre"], named["resid_post"]
-        return [("resid_post = resid_pre + attn_out + mlp_out", post, pre + named["attn_out"] + named["mlp_out"])]
+        return [(f"resid_post = resid_pre + {self.mixer_terms} + mlp_out", post,
+                 pre + self.mixer_write(named) + named["mlp_out"])]
 
 
 class Sandwich(Layout):

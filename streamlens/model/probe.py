@@ -25,6 +25,7 @@ from streamlens.errors import UnsupportedModelError
 from streamlens.model import hooks, layouts
 from streamlens.model.layouts import SUBLAYERS, Layout
 from streamlens.model.norms import NormKind, identify_norm
+from streamlens.model.writers import PLACED, co_writer_candidates, measured_scales, true_write_candidates
 
 if TYPE_CHECKING:
     from streamlens.model.loading import Model
@@ -59,7 +60,12 @@ class Architecture:
     #: Measured adjustments of the rule: true write points ``(slot, component, side)`` and the residual multiplier.
     true_writes: tuple[tuple[str, str, str], ...] = ()
     write_scale: float = 1.0
-    #: What fills each slot, per block: ``(("attn", "mlp"), ("mixer", "mlp"), ...)`` in the bridge's names.
+    #: Writers beside the token mixer sharing its read (Falcon-H1: ``("mamba",)``), and per-writer multipliers
+    #: ``((writer, r), ...)`` where writers are scaled differently (Falcon-H1's attention and SSM out-multipliers).
+    co_writers: tuple[str, ...] = ()
+    writer_scales: tuple[tuple[str, float], ...] = ()
+    #: The writers of each block in the order they write, in the bridge's names: the token mixer, its
+    #: co-writers, the channel mixer: ``(("attn", "mlp"), ("mixer", "mlp"), ("attn", "mamba", "mlp"), ...)``.
     writers: tuple[tuple[str, ...], ...] = ()
     #: The model's own final transform of ``z = unembed(ln_final(x))``: ``logits = cap · tanh(scale · z / cap)``
     #: (no cap: ``scale · z``). Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``; Gemma 2's soft-cap.
@@ -88,7 +94,8 @@ class Architecture:
     def rule_of(self, layer: int) -> Layout:
         """Block ``layer``'s :class:`~streamlens.model.layouts.Layout` (with the measured adjustments)."""
         name = self.block_layouts[layer] if self.block_layouts else self.layout
-        return layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale)
+        return layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale,
+                                          self.co_writers, dict(self.writer_scales))
 
     @property
     def rule(self) -> Layout:
@@ -128,20 +135,6 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
-def _true_write_candidates(bridge: nn.Module, layer: int) -> dict[str, tuple[str, str]]:
-    """Points *inside* a slot that the bridge's hook aliases name as its write (``hook_attn_out: attn.o.hook_out``)."""
-    aliases = getattr(bridge.blocks[layer], "hook_aliases", None) or {}
-    out = {}
-    for sub in SUBLAYERS:
-        target = aliases.get(f"hook_{sub}_out")
-        target = next((t for t in target if isinstance(t, str)), None) if isinstance(target, (list, tuple)) else target
-        if isinstance(target, str) and target.startswith(f"{sub}.") and target.endswith(".hook_out"):
-            comp = target[: -len(".hook_out")]
-            if comp != sub:
-                out[sub] = (comp, "out")
-    return out
-
-
 def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     """Every raw block and global point of one forward, by ``(layer or None, component, side)``."""
     rec: dict[tuple, Tensor] = {}
@@ -152,7 +145,9 @@ def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
         return lambda t: rec.__setitem__(key, hooks.select_positions_of(t, shape, None, None, all_positions=True).clone())
 
     for layer in range(len(model.bridge.blocks)):
-        for comp, side in hooks.BLOCK_POINTS + tuple(_true_write_candidates(model.bridge, layer).values()):
+        unplaced = tuple((n, "out") for n, m in model.bridge.blocks[layer].named_children()
+                         if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED)
+        for comp, side in hooks.BLOCK_POINTS + tuple(true_write_candidates(model.bridge, layer).values()) + unplaced:
             hp = hooks.block_point(model.bridge, layer, comp, side)
             if hp is not None:
                 attach.append((hp, keep((layer, comp, side))))
@@ -172,11 +167,15 @@ def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[La
     write points, the config's residual multiplier); keys are the (adjusted) layouts, in the order tried.
     """
     errs: dict[Layout, float] = {}
-    true = _true_write_candidates(model.bridge, layer)
+    true = true_write_candidates(model.bridge, layer)
     r = getattr(getattr(model.hf, "config", None), "residual_multiplier", None)
     scales = [1.0] + ([float(r)] if isinstance(r, (int, float)) and float(r) not in (0.0, 1.0) else [])
+    co = co_writer_candidates(model, layer, raw)
     for base in layouts.LAYOUTS:
-        for lay in dict.fromkeys(base.adjusted(tw, sc) for tw in ({}, true) for sc in scales):
+        tries = [base.adjusted(tw, sc) for tw in ({}, true) for sc in scales]
+        if co and isinstance(base, (layouts.PreNorm, layouts.Parallel)):
+            tries += [base.adjusted(tw, 1.0, co, measured_scales(model, base, raw, co)) for tw in ({}, true)]
+        for lay in dict.fromkeys(tries):
             need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
             need |= {lay.raw_write_point(sub) for sub in lay.slots}  # a true write replaces a point the rule has
             if any(p not in raw for p in need) or any(p in raw for p in lay.absent):
@@ -199,16 +198,12 @@ def _no_points(model: Model, layer: int) -> str:
     return f"block {layer} exposes {', '.join(parts)}, which fit no known rule"
 
 
-#: Block parts the layouts place: norms and the components that fill the two writer slots.
-_PLACED = {"ln1", "ln2", "ln1_post", "ln2_post", "norm", *(n for names in hooks.SLOTS.values() for n in names)}
-
-
 def _unplaced(model: Model, layer: int, raw: dict) -> str:
     """The part of a block that keeps it from fitting a rule, in words (or '')."""
     if ("block", "out") not in raw:
         return f": the bridge never calls block {layer}'s output hook, so its output cannot be read"
     parts = [n for n, m in model.bridge.blocks[layer].named_children()
-             if hasattr(m, "hook_out") and not n.startswith("_") and n not in _PLACED]
+             if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED]
     if parts:
         return (f": block {layer} also has {', '.join(parts)}, which no rule places (a third writer, an input "
                 "transform or a scale of the stream)")
@@ -335,7 +330,8 @@ def probe(model: Model) -> Architecture:
         found.append(ok[0])
     mixed = len(set(found)) > 1
     if mixed and (not all(lay.additive for lay in found)
-                  or len({(tuple(sorted(lay.true_writes.items())), lay.scale) for lay in found}) > 1):
+                  or len({(tuple(sorted(lay.true_writes.items())), lay.scale, lay.co_writers,
+                           tuple(sorted(lay.scales.items()))) for lay in found}) > 1):
         names = [f"{lay.name}" + (f" ({lay.adjustments})" if lay.adjustments else "") for lay in found]
         raise UnsupportedModelError(f"{model.name}: blocks follow different update rules: {names}")
     rule = found[0]
@@ -366,7 +362,9 @@ def probe(model: Model) -> Architecture:
         block_layouts=tuple(lay.name for lay in found) if mixed else (),
         true_writes=tuple((sub, *p) for sub, p in sorted(rule.true_writes.items())),
         write_scale=rule.scale,
-        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in found[l].slots) for l in range(n_layers)),
+        co_writers=rule.co_writers,
+        writer_scales=tuple(sorted(rule.scales.items())),
+        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in found[l].writers) for l in range(n_layers)),
         positional=str(getattr(cfg, "positional_embedding_type", "unknown")),
         has_pos_embed=pos is not None,
         embed_is_sum=embed_is_sum,

@@ -42,6 +42,8 @@ def batch_writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequen
         else:  # the token mixer, in the bridge's name for it (attn, mixer, linear_attn, conv)
             mixer = a.writers[layer][0] if a.writers and a.writers[layer][0] != "-" else "attn"
             writers.append((Component(f"{mixer}.{layer}", mixer, layer), named["attn_out"]))
+        for c in a.rule_of(layer).co_writers:  # writers beside the token mixer (Falcon-H1's mamba)
+            writers.append((Component(f"{c}.{layer}", c, layer), named[f"{c}_out"]))
         if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
             writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
         elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot

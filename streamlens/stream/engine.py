@@ -78,7 +78,8 @@ def head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Store) -> 
     zh = z.float().reshape(*z.shape[:-1], a.n_heads, a.d_head)  # (b, p, h, d_head)
     head = torch.einsum("bphk,hkm->bphm", zh, w_o.to(zh.device))  # (b, p, h, d_model)
     bias = b_o.to(zh.device).expand(*z.shape[:-1], a.d_model)
-    extra = a.rule_of(layer).write_norm("attn")
+    rule = a.rule_of(layer)
+    extra = rule.write_norm("attn")
     if extra is not None:
         # attn_write = norm(attn_raw): at the norm's scale on this input the map is affine, so it
         # distributes over the heads exactly; the norm's own bias goes with the output bias.
@@ -86,8 +87,9 @@ def head_split(model: Model, layer: int, z: Tensor, raw: dict, store: Store) -> 
         scale = norm.scale(raw[("attn", "out")])[..., None, :]  # (b, p, 1, 1)
         head = norm.linear_part(head, scale)
         bias = norm.linear_part(bias, scale[..., 0, :]) + norm.bias_part(bias)
-    if a.write_scale != 1.0:  # scaled writes (Granite): x + r · attn(...)
-        head, bias = head * a.write_scale, bias * a.write_scale
+    r = rule.scale_of("attn")
+    if r != 1.0:  # scaled writes (Granite, Falcon-H1): x + r · attn(...)
+        head, bias = head * r, bias * r
     return store(head), store(bias)
 
 

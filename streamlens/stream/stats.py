@@ -38,7 +38,8 @@ def layer_statistics(named: Mapping[str, Tensor]) -> dict[str, Tensor]:
     stats: dict[str, Tensor] = {}
     pre, post = named["resid_pre"], named["resid_post"]
     stats["resid_pre_norm"], stats["resid_post_norm"] = _norm(pre), _norm(post)
-    for s in SUBLAYERS:
+    co = [k[:-4] for k in named if k.endswith("_out") and f"{k[:-4]}_read_normed" in named and k[:-4] not in SUBLAYERS]
+    for s in (*SUBLAYERS, *co):  # co-writers beside the token mixer (Falcon-H1's mamba) too
         if f"{s}_out" in named:
             r, w = _norm(named[f"{s}_read"]), _norm(named[f"{s}_out"])
             stats[f"{s}_read_norm"], stats[f"{s}_normed_norm"] = r, _norm(named[f"{s}_read_normed"])

@@ -118,7 +118,7 @@ class ResidualTrace(Result):
         if name in GLOBAL_NAMES:
             return name, None
         name = self._writer_alias(name, layer)
-        if name not in TRACE_NAMES:
+        if name not in TRACE_NAMES and not self._co_writer_name(name):
             raise StreamlensError(f"unknown name {name!r}; layer names: {TRACE_NAMES}; globals: {GLOBAL_NAMES}")
         if layer is None:
             raise StreamlensError(f"{name!r} is per layer: use trace[{name!r}, layer]")
@@ -126,6 +126,10 @@ class ResidualTrace(Result):
         if not -n <= layer < n:
             raise StreamlensError(f"layer {layer} is out of range for a {n}-layer model")
         return name, layer % n
+
+    def _co_writer_name(self, name: str) -> bool:
+        """``mamba_out`` / ``mamba_read`` / ``mamba_read_normed``: a writer beside the token mixer (Falcon-H1)."""
+        return any(name in (f"{c}_out", f"{c}_read", f"{c}_read_normed") for c in self.arch.co_writers)
 
     def _writer_alias(self, name: str, layer: int | None) -> str:
         """``mixer_out`` / ``linear_attn_read_normed`` / ``conv_out``: the token-mixer slot (``attn_*``) of a

@@ -1,0 +1,162 @@
+"""A block is a set of writers: writers beside the token mixer (Falcon-H1's Mamba mixer beside attention).
+
+Falcon-H1 runs attention and a Mamba-2 mixer in parallel on the same normalised read and adds
+``attention_out_multiplier · attn + ssm_out_multiplier · mamba`` to the stream, then the MLP. The tiny
+model sets both multipliers (0.5, 0.75) and the input and MLP multipliers away from 1, so a check that
+ignores any of them fails. Every removal is compared with a plain PyTorch hook on the HuggingFace model.
+"""
+
+import pytest
+import torch
+
+import streamlens as sl
+from streamlens import coverage
+
+ARCH = "FalconH1ForCausalLM"
+PROMPTS = ["The cat sat on the mat because it was", "def f(x): return x"]
+
+
+@pytest.fixture(scope="module")
+def falcon(tmp_path_factory):
+    import transformers
+
+    folder, n = coverage.build(ARCH, tmp_path_factory.mktemp("falcon_h1") / ARCH)
+    assert n <= coverage.MAX_PARAMS
+    hf = getattr(transformers, ARCH).from_pretrained(folder).eval()
+    assert (hf.config.attention_out_multiplier, hf.config.ssm_out_multiplier) == (0.5, 0.75)
+    return sl.load(str(folder)), hf
+
+
+def _kl(p, q):
+    lp, lq = p.float().log_softmax(-1), q.float().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def _hand(hf, ids, module, replace):
+    """Clean and ablated HF logits, ``module``'s output replaced by ``replace(output)`` in a plain forward hook."""
+    def hook(mod, args, out):
+        if isinstance(out, tuple):
+            return (replace(out[0]), *out[1:])
+        return replace(out)
+
+    with torch.no_grad():
+        clean = hf(ids, use_cache=False).logits
+        h = module.register_forward_hook(hook)
+        try:
+            abl = hf(ids, use_cache=False).logits
+        finally:
+            h.remove()
+    return clean, abl
+
+
+def _outputs(hf, ids, module):
+    seen = []
+    h = module.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        with torch.no_grad():
+            hf(ids, use_cache=False)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+def test_attention_and_mamba_are_two_writers_sharing_one_read(falcon):
+    m, _ = falcon
+    a = m.arch
+    assert a.layout == "pre" and a.co_writers == ("mamba",) and a.writers[0] == ("attn", "mamba", "mlp")
+    assert dict(a.writer_scales) == {"attn": 0.5, "mamba": 0.75}  # the config's values, measured
+    tr = sl.trace(m, PROMPTS, heads=True)
+    assert tr.closure_error() <= coverage.CLOSURE_TOL
+    for l in range(a.n_layers):
+        # resid_mid = resid_pre + attn_out + mamba_out, both reading the same normalised stream
+        want = tr["resid_pre", l] + tr["attn_out", l] + tr["mamba_out", l]
+        torch.testing.assert_close(tr["resid_mid", l], want, rtol=1e-5, atol=1e-6)
+        assert tr["mamba_read_normed", l] is tr["attn_read_normed", l]
+        assert float(tr["mamba_out", l].norm()) > 1e-3 and float(tr["attn_out", l].norm()) > 1e-3
+        # the per-head split carries the attention multiplier
+        heads = tr["head_out", l].sum(-2) + tr["attn_bias_out", l]
+        torch.testing.assert_close(heads, tr["attn_out", l], rtol=1e-5, atol=1e-6)
+    df = tr.to_dataframe()
+    assert {"mamba_rel_update", "attn_rel_update", "mlp_rel_update"} <= set(df.columns)
+    with pytest.raises(sl.StreamlensError, match="unknown name 'ssm_out'"):
+        tr["ssm_out", 0]
+
+
+def test_the_decomposition_has_one_component_per_writer(falcon):
+    m, _ = falcon
+    dec = sl.decompose(m, PROMPTS, "top:3", progress=False)
+    assert dec.check() <= coverage.DECOMPOSE_TOL
+    assert dec.labels[1:4] == ("attn.0", "mamba.0", "mlp.0")
+    heads = sl.decompose(m, PROMPTS, "top:3", unit="head", progress=False)
+    assert heads.check() <= coverage.DECOMPOSE_TOL and "mamba.1" in heads.labels and "head.1.3" in heads.labels
+    neurons = sl.decompose(m, PROMPTS, "top:3", unit="neuron", neurons=4, progress=False)
+    assert neurons.check() <= coverage.DECOMPOSE_TOL  # the MLP's down multiplier (0.8) is in the neuron split
+    lens = sl.logit_lens(m, PROMPTS, positions="last", progress=False).to_dataframe()
+    assert float(lens[lens.point == f"resid_post.{m.arch.n_layers - 1}"]["kl"].abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["skip", "mean"])
+@pytest.mark.parametrize("writer", ["mamba", "attn"])
+def test_each_writer_is_removed_exactly(falcon, writer, mode):
+    m, hf = falcon
+    ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
+    layer = 1
+    module = getattr(hf.model.layers[layer], {"attn": "self_attn", "mamba": "mamba"}[writer])
+    if mode == "skip":
+        replace = torch.zeros_like
+    else:  # the raw output's mean over the documents at each position (the multiplier applies after it)
+        mean = _outputs(hf, ids, module).mean(0)
+        replace = lambda out: mean.expand_as(out).to(out.dtype)  # noqa: E731
+    clean, abl = _hand(hf, ids, module, replace)
+    kl = _kl(clean, abl)
+    assert kl > 1e-6  # the removal changes something
+    got = ev.evaluate(f"{writer}.{layer}", mode, metrics=("kl",))["kl"]
+    assert abs(got - kl) <= coverage.SKIP_KL_TOL * (1 + kl)
+
+
+def test_blocks_and_the_whole_sweep_over_a_writer(falcon):
+    m, hf = falcon
+    ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(2))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
+    assert list(ev.sweep("mamba", metrics=("kl",)).table["unit"]) == ["mamba.0", "mamba.1"]
+    both = ev.evaluate(["attn.0", "mamba.0"], "skip", metrics=("kl",))["kl"]
+    layer0 = hf.model.layers[0]
+    clean = clean_logits(hf, ids)
+    h = layer0.mamba.register_forward_hook(lambda mod, a, out: torch.zeros_like(out))
+    try:
+        _, abl = _hand(hf, ids, layer0.self_attn, torch.zeros_like)
+    finally:
+        h.remove()
+    assert abs(both - _kl(clean, abl)) <= coverage.SKIP_KL_TOL * (1 + _kl(clean, abl))
+
+    def drop(mod, args, kwargs, out):  # drop-residual: the block writes f(x) = out - x
+        x = args[0] if args else kwargs["hidden_states"]
+        return (out[0] - x, *out[1:]) if isinstance(out, tuple) else out - x
+
+    h = layer0.register_forward_hook(drop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            want = hf(ids, use_cache=False).logits
+    finally:
+        h.remove()
+    got = ev.evaluate("block.0", "drop-residual", metrics=("kl",))["kl"]
+    assert abs(got - _kl(clean, want)) <= coverage.SKIP_KL_TOL * (1 + got)
+
+
+def test_a_model_without_the_writer_says_so(tiny_models):
+    llama = tiny_models("llama")
+    with pytest.raises(sl.StreamlensError, match=r"block 0 has no 'mamba' writer: its writers are \['attn', 'mlp'\]"):
+        sl.LayerSkipEvaluator(llama, ["a b c d"], progress=False).evaluate("mamba.0")
+
+
+def clean_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids, use_cache=False).logits
+
+
+def test_dynamics_see_every_writer(falcon):
+    m, _ = falcon
+    dyn = sl.dynamics(m, PROMPTS, max_tokens=8, progress=False)
+    df = dyn.to_dataframe()
+    assert "mamba_rel_update" in df.columns and df["mamba_rel_update"].notna().all()
