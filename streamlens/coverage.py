@@ -138,6 +138,8 @@ def _describe(model) -> dict[str, str]:
         readout = "unembed" if a.logits_are_unembed else "not unembed(ln_final(x))"
     rule = a.rule
     layout = a.layout + (f" ({rule.adjustments})" if getattr(rule, "adjustments", "") else "")
+    if getattr(a, "stream_scales", ()):
+        layout += f" (stream scaled by {', '.join(f'{s:g}' for s in a.stream_scales)})"
     norm = str(a.norm) + (f", final {a.final_norm}" if a.final_norm and a.final_norm != a.norm else "")
     return dict(layout=layout, writers=writers, norm=norm, readout=str(readout))
 

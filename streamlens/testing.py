@@ -244,6 +244,7 @@ _EXTRA: dict[str, dict[str, Any]] = {
     # attention and Mamba side by side, each with its own output multiplier (1 by default)
     "FalconH1ForCausalLM": dict(attention_out_multiplier=0.5, ssm_out_multiplier=0.75, attention_in_multiplier=1.5,
                                 mlp_multipliers=[1.25, 0.8]),
+    "Gemma4ForCausalLM": dict(global_head_dim=8),
     "DeepseekV2ForCausalLM": dict(first_k_dense_replace=1),
     "DeepseekV3ForCausalLM": dict(first_k_dense_replace=1),
 }
@@ -301,6 +302,9 @@ def build_bridged(architecture: str, folder: str | Path, *, seed: int = 0) -> tu
         for p in model.parameters():
             if p.dim() >= 2 and not bool(p.abs().max() > 0):
                 p.normal_(0.0, 0.02)
+        # a scale of the whole stream at the end of a block (Gemma 4's layer_scalar, 1 by default): away from 1
+        for i, (name, buf) in enumerate(n_b for n_b in model.named_buffers() if n_b[0].endswith("layer_scalar")):
+            buf.fill_(0.75 + 0.5 * i)
     n = sum(p.numel() for p in model.parameters())
     if n > BRIDGED_MAX_PARAMS:
         raise AssertionError(f"tiny {architecture} has {n:,} parameters, more than {BRIDGED_MAX_PARAMS:,}: a size was not set")

@@ -25,7 +25,6 @@ REFUSED = {
     # logits not linear in the final norm's output: trace and skip work, decompose is refused
     "ModernBertDecoderForCausalLM": r"^decompose: .*a prediction head \(lm_head\) sits between the final norm and the unembedding",
     # update rules streamlens does not know yet
-    "Gemma4ForCausalLM": r"block 0 also has per_layer_input_gate, per_layer_projection, post_per_layer_input_norm",
     "OpenAIGPTLMHeadModel": r"the bridge never calls block 0's output hook",
     "RwkvForCausalLM": r"block 0 also has pre_ln, time_mix, channel_mix, which no rule places",
 }

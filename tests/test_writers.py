@@ -160,3 +160,71 @@ def test_dynamics_see_every_writer(falcon):
     dyn = sl.dynamics(m, PROMPTS, max_tokens=8, progress=False)
     df = dyn.to_dataframe()
     assert "mamba_rel_update" in df.columns and df["mamba_rel_update"].notna().all()
+
+
+# ---------------------------------------------------------------------------- Gemma 4: a writer after the MLP, a stream scale
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    import transformers
+
+    folder, n = coverage.build("Gemma4ForCausalLM", tmp_path_factory.mktemp("gemma4") / "Gemma4ForCausalLM")
+    assert n <= coverage.MAX_PARAMS
+    hf = transformers.Gemma4ForCausalLM.from_pretrained(folder).eval()
+    assert [float(layer.layer_scalar) for layer in hf.model.layers] == [0.75, 1.25]  # away from 1 (testing.py)
+    return sl.load(str(folder)), hf
+
+
+def test_gemma4_per_layer_input_write_and_stream_scale(gemma4):
+    m, _ = gemma4
+    a = m.arch
+    assert a.layout == "sandwich_ple" and a.writers[0] == ("attn", "mlp", "ple") and a.stream_scales == (0.75, 1.25)
+    assert (a.reach(None), a.reach(0), a.reach(1)) == (0.75 * 1.25, 0.75 * 1.25, 1.25)
+    tr = sl.trace(m, PROMPTS, heads=True)
+    assert tr.closure_error() <= coverage.CLOSURE_TOL
+    for l, s in enumerate(a.stream_scales):
+        torch.testing.assert_close(tr["ple_read", l], tr["resid_mid", l] + tr["mlp_out", l], rtol=1e-5, atol=1e-6)
+        want = s * (tr["ple_read", l] + tr["ple_out", l])
+        torch.testing.assert_close(tr["resid_post", l], want, rtol=1e-5, atol=1e-6)
+        assert float(tr["ple_out", l].norm()) > 1e-3
+
+
+def test_gemma4_decomposition_folds_in_the_later_scales(gemma4):
+    m, _ = gemma4
+    dec = sl.decompose(m, PROMPTS, "top:3", progress=False)
+    assert dec.check() <= coverage.DECOMPOSE_TOL
+    assert dec.labels[:5] == ("embed", "attn.0", "mlp.0", "ple.0", "attn.1")
+    heads = sl.decompose(m, PROMPTS, "top:3", unit="head", progress=False)
+    assert heads.check() <= coverage.DECOMPOSE_TOL
+    # each share is the write times the product of its own and every later block's scale: from the trace by hand
+    tr = sl.trace(m, PROMPTS, positions="last")
+    fin = tr["final_in"].float()
+    parts = [tr["resid_pre", 0].float() * 0.75 * 1.25]
+    for l, reach in ((0, 0.75 * 1.25), (1, 1.25)):
+        parts += [tr[f"{w}_out", l].float() * reach for w in ("attn", "mlp", "ple")]
+    torch.testing.assert_close(sum(parts), fin, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["skip", "mean"])
+def test_gemma4_the_per_layer_input_write_is_removed_exactly(gemma4, mode):
+    m, hf = gemma4
+    ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
+    module = hf.model.layers[0].post_per_layer_input_norm
+    if mode == "skip":
+        replace = torch.zeros_like
+    else:
+        mean = _outputs(hf, ids, module).mean(0)
+        replace = lambda out: mean.expand_as(out).to(out.dtype)  # noqa: E731
+    clean, abl = _hand(hf, ids, module, replace)
+    kl = _kl(clean, abl)
+    assert kl > 1e-6
+    got = ev.evaluate("ple.0", mode, metrics=("kl",))["kl"]
+    assert abs(got - kl) <= coverage.SKIP_KL_TOL * (1 + kl)
+    assert list(ev.sweep("ple", metrics=("kl",)).table["unit"]) == ["ple.0", "ple.1"]
+
+
+def test_verbs_that_follow_attention_and_mlp_only_say_so(falcon, gemma4):
+    with pytest.raises(sl.UnsupportedModelError, match=r"information_flow: .* also write through mamba"):
+        sl.information_flow(falcon[0], "The cat sat", "top:1")
+    with pytest.raises(sl.UnsupportedModelError, match=r"value_paths: .* ple; each block scales the whole stream"):
+        sl.value_paths(gemma4[0], ["The cat sat"], "top:1")

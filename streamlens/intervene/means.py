@@ -39,7 +39,7 @@ def batch_write_sums(model, batch) -> dict:
     pts = []
     for l in range(arch.n_layers):
         keys = {("block", "in"), ("block", "out"), ("o", "in")}
-        for kind in ("attn", "mlp", *arch.rule_of(l).co_writers):
+        for kind in dict.fromkeys(("attn", "mlp", *arch.rule_of(l).writers)):
             keys.add(write_point(arch, Atom(kind, l)))
             bp = base_point(arch, Atom(kind, l))
             if bp:
@@ -54,7 +54,7 @@ def batch_write_sums(model, batch) -> dict:
     out: dict = {}
     for l in range(arch.n_layers):
         writes = {Atom("block", l): raw[(l, "block", "out")] - raw[(l, "block", "in")]}
-        for kind in ("attn", "mlp", *arch.rule_of(l).co_writers):
+        for kind in dict.fromkeys(("attn", "mlp", *arch.rule_of(l).writers)):
             w = raw.get((l, *write_point(arch, Atom(kind, l))))
             bp = base_point(arch, Atom(kind, l))
             if w is not None:

@@ -5,7 +5,8 @@ mixture of experts, or a span of consecutive blocks. Labels: ``"block.3"``, ``"a
 ``"head.3.1"`` (layer 3, head 1), ``"expert.3.5"`` (layer 3, expert 5), ``"span.3:5"`` (blocks 3 and 4);
 in SSM, linear-attention and convolution blocks the token mixer is ``"mixer.3"``, ``"linear_attn.3"`` or
 ``"conv.3"`` (the bridge's names; ``unit="attn"`` sweeps every block's token mixer); a writer beside the
-token mixer is named as the bridge names it (Falcon-H1's ``"mamba.3"``: ``unit="mamba"``). Several units
+token mixer is named as the bridge names it (Falcon-H1's ``"mamba.3"``: ``unit="mamba"``), Gemma 4's
+per-layer-input write after the MLP is ``"ple.3"``. Several units
 removed together form a *set* (:func:`combine`).
 What removing a unit means, per mode, is in :mod:`streamlens.intervene.removal`.
 
@@ -23,7 +24,7 @@ from streamlens.errors import StreamlensError
 from streamlens.model import hooks
 from streamlens.model.experts import moe_layers, n_experts
 
-KINDS = ("block", "attn", "mlp", "head", "span", "expert", "mamba")
+KINDS = ("block", "attn", "mlp", "head", "span", "expert", "mamba", "ple")
 #: Removal modes (see :mod:`streamlens.intervene.removal`).
 MODES = ("skip", "mean", "drop-residual")
 
@@ -57,7 +58,7 @@ class Unit:
 def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | None = None) -> Unit:
     """A checked single unit (``span`` takes ``layer`` as its start and a ``width``)."""
     a = model.arch
-    if kind not in KINDS + _MIXERS + _CO_WRITERS:
+    if kind not in KINDS + _MIXERS + _EXTRA_WRITERS:
         raise StreamlensError(f"unknown unit {kind!r}; choose one of {KINDS} or a list of units")
     if kind == "span":
         if not isinstance(width, int) or width < 1:
@@ -79,8 +80,8 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
         if not isinstance(head, int) or not 0 <= head < a.n_heads:
             raise StreamlensError(f"head {head!r} does not exist: layer {layer} has {a.n_heads} heads (0..{a.n_heads - 1})")
         return Unit(f"head.{layer}.{head}", "head", (Atom("head", layer, head),), layer=layer, head=head)
-    if kind in _CO_WRITERS:  # a writer beside the token mixer (Falcon-H1's mamba): its own atom
-        if kind not in a.rule_of(layer).co_writers:
+    if kind in _EXTRA_WRITERS:  # a writer beside the token mixer (Falcon-H1's mamba) or after the MLP (Gemma 4)
+        if kind not in a.rule_of(layer).writers:
             raise StreamlensError(f"block {layer} has no {kind!r} writer: its writers are {list(_writers(model, layer))}")
         return Unit(f"{kind}.{layer}", kind, (Atom(kind, layer),), layer=layer)
     if kind in _MIXERS:  # the token-mixer slot, named as the bridge names it in this block
@@ -93,9 +94,9 @@ def unit_of(model, kind: str, layer: int, head: int | None = None, width: int | 
 
 
 _MIXERS = ("mixer", "linear_attn", "conv")
-#: Writers that sit beside the token mixer and share its read, in the bridge's names (Falcon-H1).
-_CO_WRITERS = ("mamba",)
-_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv|mamba)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
+#: Writers beyond the two slots: beside the token mixer sharing its read (Falcon-H1's mamba), after the MLP (Gemma 4).
+_EXTRA_WRITERS = ("mamba", "ple")
+_LABEL = re.compile(r"^(block|attn|mlp|mixer|linear_attn|conv|mamba|ple)\.(-?\d+)$|^(head|expert)\.(-?\d+)\.(\d+)$|^span\.(\d+):(\d+)$")
 
 
 def parse_unit(model, spec) -> Unit:
@@ -147,7 +148,7 @@ def all_units(model, kind: str, width: int | None = None) -> list[Unit]:
         units = [unit_of(model, "expert", l, e) for l in moe_layers(model) for e in range(n_experts(model, l))]
     else:
         units = [unit_of(model, kind, l) for l in range(a.n_layers)
-                 if kind in a.rule_of(l).co_writers
+                 if kind in _EXTRA_WRITERS and kind in a.rule_of(l).writers
                  or kind in a.rule_of(l).slots and hooks.writer_name(model.bridge, l, kind) is not None]
     if not units:
         raise StreamlensError(f"{model.name} has no {kind} units: its blocks' writers are "

@@ -51,6 +51,11 @@ def output_projection(model: Model, layer: int) -> tuple[Float[Tensor, "head d_h
             f"layer {layer}'s attention has no separate output projection (attn.o), so per-head writes cannot be split"
         )
     a = model.arch
+    width = getattr(o.original_component, "in_features", None)
+    if isinstance(width, int) and width != a.n_heads * a.d_head:  # Gemma 4's global layers: a head width of their own
+        raise UnsupportedModelError(
+            f"layer {layer}'s attention output projection takes {width} inputs, not {a.n_heads} heads × {a.d_head} "
+            "(the model's head width): per-head writes of layers with their own head width are not split")
     w, b = measure(o.original_component, a.n_heads * a.d_head)
     return w.reshape(a.n_heads, a.d_head, a.d_model), b
 

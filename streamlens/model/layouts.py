@@ -23,6 +23,8 @@ layout          rule
 ``post_sub``    ``resid_mid = resid_pre + ln1_post(attn(resid_pre))``; ``resid_post = resid_mid + ln2_post(mlp(resid_mid))``
                 (the norm after the sub-layer, none before it: OLMo 2/3, FlexOlmo, EXAONE 4)
 ``single``      ``resid_post = resid_pre + mixer(norm(resid_pre))``: one writer per block (Mamba, Mamba 2, Nemotron-H)
+``sandwich_ple`` ``sandwich``, then a per-layer-input write and a scale of the whole stream (Gemma 4):
+                ``ple_read = resid_mid + mlp_out``; ``resid_post = s · (ple_read + ple_out)``
 ==============  ==========================================================================================
 
 A block is a set of writers in two *slots* (:data:`streamlens.model.hooks.SLOTS`): ``attn`` is the
@@ -85,6 +87,8 @@ class Layout:
     #: Writers beside the token mixer that share its read (Falcon-H1's ``mamba``), and per-writer scales.
     co_writers: tuple[str, ...] = ()
     scales: Mapping[str, float] = {}
+    #: A scale of the whole stream at the end of the block (Gemma 4's ``layer_scalar``; 1: none).
+    stream_scale: float = 1.0
 
     @property
     def has_resid_mid(self) -> bool:
@@ -100,6 +104,14 @@ class Layout:
         out = copy.copy(self)
         out.true_writes, out.scale = dict(true_writes or {}), float(scale)
         out.co_writers, out.scales = tuple(co_writers), scales
+        return out
+
+    def with_stream_scale(self, s: float) -> Layout:
+        """This rule with the stream multiplied by ``s`` at the end of the block."""
+        if float(s) == self.stream_scale:
+            return self
+        out = copy.copy(self)
+        out.stream_scale = float(s)
         return out
 
     def scale_of(self, writer: str) -> float:
@@ -225,7 +237,7 @@ class Layout:
 
     def _key(self) -> tuple:
         return (self.name, tuple(sorted(self.true_writes.items())), self.scale, self.co_writers,
-                tuple(sorted(self.scales.items())))
+                tuple(sorted(self.scales.items())), self.stream_scale)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Layout) and self._key() == other._key()
@@ -322,6 +334,48 @@ class SingleWriter(Layout):
         return [("resid_post = resid_pre + attn_out", post, pre + named["attn_out"])]
 
 
+class PerLayerInput(Sandwich):
+    """Gemma 4: ``sandwich``, then a third writer and a scale of the whole stream at the end of the block::
+
+        ple_read   = resid_mid + ln2_post(mlp(ln2(resid_mid)))
+        ple_out    = post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(ple_read)) ⊙ e_l))
+        resid_post = s · (ple_read + ple_out)                  # s: the block's layer_scalar
+
+    ``e_l`` is the token's per-layer input embedding for block ``l``. With ``s ≠ 1`` the final residual is
+    not the plain sum of the writes: every write (and the embedding) reaches it multiplied by the product of
+    the scales of its own and every later block, which the decomposition folds in
+    (:mod:`streamlens.readout.writers`).
+    """
+
+    name = "sandwich_ple"
+    rule = ("resid_mid = resid_pre + ln1_post(attn(ln1(resid_pre))); ple_read = resid_mid + ln2_post(mlp(ln2(resid_mid))); "
+            "resid_post = s · (ple_read + ple(ple_read))")
+    slots = ("attn", "mlp", "ple")
+    _PLE = {"ple_read": ("per_layer_input_gate", "in"), "ple_out": ("post_per_layer_input_norm", "out")}
+
+    def raw_write_point(self, sub: str) -> Point:
+        return self._PLE["ple_out"] if sub == "ple" else super().raw_write_point(sub)
+
+    def read_normed_point(self, sub: str, has_ln2: bool) -> Point | None:
+        return None if sub == "ple" else super().read_normed_point(sub, has_ln2)
+
+    def points(self, sublayers: Sequence[str], has_ln2: bool) -> set[Point]:
+        return super().points([s for s in sublayers if s != "ple"], has_ln2) | set(self._PLE.values())
+
+    def named(self, raw, sublayers, has_ln2):
+        out = super().named(raw, [s for s in sublayers if s != "ple"], has_ln2)
+        out["ple_read"] = out["ple_read_normed"] = raw[self._PLE["ple_read"]]
+        out["ple_out"] = raw[self._PLE["ple_out"]]
+        return out
+
+    def equations(self, named, norm):
+        pre, mid, late, post = named["resid_pre"], named["resid_mid"], named["ple_read"], named["resid_post"]
+        return [("resid_mid = resid_pre + attn_out", mid, pre + named["attn_out"]),
+                ("ple_read = resid_mid + mlp_out", late, mid + named["mlp_out"]),
+                (f"resid_post = {self.stream_scale:g} · (ple_read + ple_out)", post,
+                 (late + named["ple_out"]) * self.stream_scale)]
+
+
 class Mixed:
     """Blocks that follow different additive rules (OLMo-Hybrid: pre-norm linear-attention blocks between
     post-sub-layer-norm attention blocks). Model-wide questions are answered for all blocks; per-block ones
@@ -348,7 +402,8 @@ class Mixed:
 
 
 #: Every layout streamlens knows, in the order the probe tries them.
-LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm(), PostSubLayerNorm(), SingleWriter())
+LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm(), PostSubLayerNorm(), SingleWriter(),
+                               PerLayerInput())
 _BY_NAME = {lay.name: lay for lay in LAYOUTS}
 
 

@@ -25,7 +25,8 @@ from streamlens.errors import UnsupportedModelError
 from streamlens.model import hooks, layouts
 from streamlens.model.layouts import SUBLAYERS, Layout
 from streamlens.model.norms import NormKind, identify_norm
-from streamlens.model.writers import PLACED, co_writer_candidates, measured_scales, true_write_candidates
+from streamlens.model.writers import (PLACED, co_writer_candidates, measured_scales, stream_scale,
+                                      true_write_candidates)
 
 if TYPE_CHECKING:
     from streamlens.model.loading import Model
@@ -64,6 +65,8 @@ class Architecture:
     #: ``((writer, r), ...)`` where writers are scaled differently (Falcon-H1's attention and SSM out-multipliers).
     co_writers: tuple[str, ...] = ()
     writer_scales: tuple[tuple[str, float], ...] = ()
+    #: Per block, the scale of the whole stream at its end (Gemma 4's ``layer_scalar``; () where there is none).
+    stream_scales: tuple[float, ...] = ()
     #: The writers of each block in the order they write, in the bridge's names: the token mixer, its
     #: co-writers, the channel mixer: ``(("attn", "mlp"), ("mixer", "mlp"), ("attn", "mamba", "mlp"), ...)``.
     writers: tuple[tuple[str, ...], ...] = ()
@@ -94,8 +97,17 @@ class Architecture:
     def rule_of(self, layer: int) -> Layout:
         """Block ``layer``'s :class:`~streamlens.model.layouts.Layout` (with the measured adjustments)."""
         name = self.block_layouts[layer] if self.block_layouts else self.layout
-        return layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale,
+        rule = layouts.get(name).adjusted({s: (c, side) for s, c, side in self.true_writes}, self.write_scale,
                                           self.co_writers, dict(self.writer_scales))
+        return rule.with_stream_scale(self.stream_scales[layer]) if self.stream_scales else rule
+
+    def reach(self, layer: int | None) -> float:
+        """What a write of block ``layer`` (None: the embedding) is multiplied by on its way to the final residual:
+        the product of the stream scales of that block and every later one (1 without stream scales)."""
+        out = 1.0
+        for s in self.stream_scales[0 if layer is None else layer:]:
+            out *= s
+        return out
 
     @property
     def rule(self) -> Layout:
@@ -135,6 +147,10 @@ def relative_error(got: Tensor, want: Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
+#: Every raw point some layout reads (Gemma 4's per-layer-input write beyond the common block points).
+_LAYOUT_POINTS = tuple(sorted(set().union(*(lay.points(SUBLAYERS, True) for lay in layouts.LAYOUTS))))
+
+
 def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     """Every raw block and global point of one forward, by ``(layer or None, component, side)``."""
     rec: dict[tuple, Tensor] = {}
@@ -147,7 +163,8 @@ def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
     for layer in range(len(model.bridge.blocks)):
         unplaced = tuple((n, "out") for n, m in model.bridge.blocks[layer].named_children()
                          if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED)
-        for comp, side in hooks.BLOCK_POINTS + tuple(true_write_candidates(model.bridge, layer).values()) + unplaced:
+        for comp, side in dict.fromkeys(hooks.BLOCK_POINTS + tuple(true_write_candidates(model.bridge, layer).values())
+                                        + unplaced + _LAYOUT_POINTS):
             hp = hooks.block_point(model.bridge, layer, comp, side)
             if hp is not None:
                 attach.append((hp, keep((layer, comp, side))))
@@ -175,6 +192,8 @@ def layout_errors(model: Model, layer: int, raw: dict, has_ln2: bool) -> dict[La
         tries = [base.adjusted(tw, sc) for tw in ({}, true) for sc in scales]
         if co and isinstance(base, (layouts.PreNorm, layouts.Parallel)):
             tries += [base.adjusted(tw, 1.0, co, measured_scales(model, base, raw, co)) for tw in ({}, true)]
+        if base.name == "sandwich_ple" and all(p in raw for p in base.points(SUBLAYERS, has_ln2)):
+            tries = [stream_scale(model, layer, lay, raw) for lay in tries]
         for lay in dict.fromkeys(tries):
             need = lay.points(SUBLAYERS, has_ln2) | set(lay.read_points(has_ln2).values())
             need |= {lay.raw_write_point(sub) for sub in lay.slots}  # a true write replaces a point the rule has
@@ -328,6 +347,8 @@ def probe(model: Model) -> Architecture:
                 f"relative error of each: {detail}"
             )
         found.append(ok[0])
+    scales = tuple(lay.stream_scale for lay in found)
+    found = [lay.with_stream_scale(1.0) for lay in found]  # the rule per block, apart from its own stream scale
     mixed = len(set(found)) > 1
     if mixed and (not all(lay.additive for lay in found)
                   or len({(tuple(sorted(lay.true_writes.items())), lay.scale, lay.co_writers,
@@ -363,8 +384,10 @@ def probe(model: Model) -> Architecture:
         true_writes=tuple((sub, *p) for sub, p in sorted(rule.true_writes.items())),
         write_scale=rule.scale,
         co_writers=rule.co_writers,
+        stream_scales=scales if any(s != 1.0 for s in scales) else (),
         writer_scales=tuple(sorted(rule.scales.items())),
-        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or "-" for sub in found[l].writers) for l in range(n_layers)),
+        writers=tuple(tuple(hooks.writer_name(bridge, l, sub) or (sub if sub not in hooks.SLOTS else "-")
+                            for sub in found[l].writers) for l in range(n_layers)),
         positional=str(getattr(cfg, "positional_embedding_type", "unknown")),
         has_pos_embed=pos is not None,
         embed_is_sum=embed_is_sum,

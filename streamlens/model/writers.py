@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from streamlens.model.loading import Model
 
 #: Block parts the layouts place: norms and the components that fill the two writer slots.
-PLACED = {"ln1", "ln2", "ln1_post", "ln2_post", "norm", *(n for names in hooks.SLOTS.values() for n in names)}
+PLACED = {"ln1", "ln2", "ln1_post", "ln2_post", "norm", *(n for names in hooks.SLOTS.values() for n in names),
+          "per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm"}  # Gemma 4's third writer
 
 
 def true_write_candidates(bridge: nn.Module, layer: int) -> dict[str, tuple[str, str]]:
@@ -56,6 +57,19 @@ def co_writer_candidates(model: Model, layer: int, raw: dict) -> tuple[str, ...]
     writers beside the token mixer (Falcon-H1's ``mamba``)."""
     return tuple(n for n, m in model.bridge.blocks[layer].named_children()
                  if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED and (n, "out") in raw)
+
+
+def stream_scale(model: Model, layer: int, lay: Layout, raw: dict) -> Layout:
+    """``lay`` with block ``layer``'s scale of the whole stream, ``resid_post = s · (ple_read + ple_out)``, measured
+    by least squares (the block's own ``layer_scalar`` where it is the value measured; Gemma 4)."""
+    named = lay.named(raw, SUBLAYERS, True)
+    x, y = (named["ple_read"] + named["ple_out"]).double(), named["resid_post"].double()
+    s = float((x * y).sum() / (x * x).sum().clamp_min(1e-30))
+    block = getattr(model.bridge.blocks[layer], "original_component", None)
+    own = getattr(block, "layer_scalar", None)
+    if isinstance(own, torch.Tensor) and own.numel() == 1 and abs(float(own) - s) <= 1e-4 * max(abs(float(own)), 1e-6):
+        s = float(own)
+    return lay.with_stream_scale(s)
 
 
 def measured_scales(model: Model, base: Layout, raw: dict, co: tuple[str, ...]) -> dict[str, float]:

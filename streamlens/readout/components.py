@@ -14,11 +14,11 @@ from torch import Tensor
 
 #: What a component is: ``embed`` (token/positional embedding), ``attn`` (or the token mixer the bridge
 #: calls ``mixer``, ``linear_attn`` or ``conv`` in SSM, linear-attention and convolution blocks), ``mamba`` (a
-#: Mamba mixer beside attention, Falcon-H1), ``head``,
+#: Mamba mixer beside attention, Falcon-H1), ``ple`` (Gemma 4's per-layer-input write), ``head``,
 #: ``mlp``, ``neuron``, ``source`` (a head's share read at one source position), ``expert`` (one routed expert
 #: of a mixture of experts), or ``bias`` (the output bias of a layer's attention, and the last component: the
 #: final norm's bias plus the unembedding's bias).
-KINDS = ("embed", "attn", "mixer", "linear_attn", "conv", "mamba", "head", "mlp", "neuron", "source", "expert", "bias")
+KINDS = ("embed", "attn", "mixer", "linear_attn", "conv", "mamba", "ple", "head", "mlp", "neuron", "source", "expert", "bias")
 
 
 @dataclass(frozen=True)

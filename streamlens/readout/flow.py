@@ -38,7 +38,7 @@ from streamlens.model.loading import as_model
 from streamlens.present.results import Result, fmt
 from streamlens.readout.sources import NOTE_QK, check_source_target, readout_rows
 from streamlens.readout.targets import readout, resolve
-from streamlens.readout.unembed import require_linear_readout
+from streamlens.readout.unembed import require_linear_readout, require_two_writers
 from streamlens.stream.attention import (AttentionReader, adjoint, kv_index, source_contributions, source_writes,
                                          value_map, write_norm_adjoint)
 from streamlens.stream.engine import capture
@@ -122,6 +122,7 @@ def information_flow(model, prompt, target, *, contrast=None, positions: int | s
     """
     model = as_model(model)
     require_linear_readout(model, "information_flow")
+    require_two_writers(model, "information_flow")
     a = model.arch
     if not isinstance(prompt, str) and not (isinstance(prompt, Tensor) and prompt.dim() == 1) \
             and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):

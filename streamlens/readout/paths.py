@@ -36,7 +36,7 @@ from streamlens.model.precision import check_tol, up
 from streamlens.present.results import Result, fmt
 from streamlens.readout.sources import NOTE_QK, check_source_target, readout_rows, source_valid
 from streamlens.readout.targets import readout, resolve
-from streamlens.readout.unembed import require_linear_readout
+from streamlens.readout.unembed import require_linear_readout, require_two_writers
 from streamlens.stream.attention import (AttentionReader, adjoint, kv_index, source_contributions, value_map,
                                          write_norm_adjoint)
 from streamlens.stream.engine import capture
@@ -177,6 +177,7 @@ def value_paths(model, inputs, target, *, contrast=None, positions=-1, heads=Non
     """
     model = as_model(model)
     require_linear_readout(model, "value_paths")
+    require_two_writers(model, "value_paths")
     a = model.arch
     if upstream not in ("head", "layer"):
         raise StreamlensError(f"upstream must be 'head' or 'layer', got {upstream!r}")

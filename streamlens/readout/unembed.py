@@ -34,6 +34,19 @@ def require_linear_readout(model: Model, verb: str) -> None:
         raise UnsupportedModelError(f"{verb}: {model.name}'s readout does not fit: {a.readout_problem}")
 
 
+def require_two_writers(model: Model, verb: str) -> None:
+    """Refuse models whose blocks write more than attention and MLP, or scale the stream (verbs that follow
+    ``resid_mid = resid_pre + attn_out`` position by position: information flow, value paths)."""
+    a = model.arch
+    extra = sorted({w for l in range(a.n_layers) for w in a.rule_of(l).writers} - {"attn", "mlp"})
+    if extra or a.stream_scales:
+        why = (f"its blocks also write through {', '.join(extra)}" if extra else "") + \
+              ("; " if extra and a.stream_scales else "") + \
+              ("each block scales the whole stream (a layer scalar)" if a.stream_scales else "")
+        raise UnsupportedModelError(f"{verb}: {model.name} is not supported: {why}; {verb} follows attention and MLP "
+                                    "writes only (decompose, trace and the skip evaluator handle every writer)")
+
+
 def unembed_matrices(model: Model) -> tuple[Float[Tensor, "d_vocab d_model"], Float[Tensor, " d_vocab"]]:
     """``(W_U, b_U)`` in float32 with the model's positive logit scale folded in (``scale · (W x + b)``):
     the map to the logits, or to the pre-cap logits of a soft-capped model. ``b_U`` is zeros for a bias-free unembedding."""

@@ -4,6 +4,12 @@ The embedding (or whatever enters block 0), then per block its token mixer (atte
 ``mixer`` / ``linear_attn`` / ``conv``; per head with ``unit="head"``) and its MLP (per routed expert
 with ``unit="expert"``, :mod:`streamlens.readout.experts`), each in the stream's units. Soft-capped
 models also hand over the pre-cap logits, which is what the contributions add up to.
+
+Gemma 4 scales the whole stream at the end of each block (``resid_post = s_l · (...)``), so a write of
+block ``l`` reaches the final residual multiplied by ``s_l · s_{l+1} · ... · s_{L-1}`` and the embedding
+by the product of every scale (:meth:`streamlens.model.probe.Architecture.reach`). Each write handed
+over here is already multiplied by that product: it is the writer's share of the *final* residual, so
+the shares add up to it exactly. Its third writer, the per-layer-input write after the MLP, is ``ple.l``.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ def batch_writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequen
             writers.append((Component(f"{mixer}.{layer}", mixer, layer), named["attn_out"]))
         for c in a.rule_of(layer).co_writers:  # writers beside the token mixer (Falcon-H1's mamba)
             writers.append((Component(f"{c}.{layer}", c, layer), named[f"{c}_out"]))
+        late = "ple_out" in named  # Gemma 4's per-layer-input write, after the MLP
         if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
             writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
         elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
             writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
+        if late:
+            writers.append((Component(f"ple.{layer}", "ple", layer), named["ple_out"]))
 
     def on_global(name, t):
         glob[name] = t
@@ -73,7 +82,10 @@ def batch_writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequen
             emb.append((Component("pos_embed", "embed"), glob["pos_embed"]))
     else:  # whatever enters block 0 (e.g. a scaled or projected embedding) is one writer
         emb = [(Component("embed", "embed"), glob["resid_pre0"])]
-    return emb + writers, glob, acts, logits.float()
+    out = emb + writers
+    if a.stream_scales:  # every write reaches the final residual times the later blocks' stream scales
+        out = [(c, w * a.reach(c.layer)) for c, w in out]
+    return out, glob, acts, logits.float()
 
 
 def pick_logits(logits: Tensor, ids: Tensor, con: Tensor | None) -> Tensor:

@@ -67,7 +67,7 @@ from streamlens.stream.inputs import Inputs, Positions, encode, recorded, select
 
 ALIASES = {"attn_write": "attn_out", "mlp_write": "mlp_out", "head_write": "head_out"}
 #: Per-layer names of a trace: the engine's, plus the attention reads (``patterns=True`` / ``sources=True``).
-TRACE_NAMES = LAYER_NAMES + ("pattern", "head_source_out")
+TRACE_NAMES = LAYER_NAMES + ("pattern", "head_source_out", "ple_read", "ple_out")
 #: The axes after ``(layer, batch, sel)`` of each per-layer name in a :class:`LayerStack`.
 _DIMS = {"head_out": ("head", "d_model"), "pattern": ("head", "source"), "head_source_out": ("head", "source", "d_model")}
 
