@@ -108,16 +108,23 @@ def _hand_skip(folder: Path, architecture: str, ids: torch.Tensor, layer: int) -
                          lambda hf: _decoder_layers(hf)[layer].register_forward_hook(hook, with_kwargs=True))
 
 
-def _hand_drop_expert(folder: Path, architecture: str, ids: torch.Tensor, layer: int, expert: int, cls: type):
-    """Expert ``expert`` of block ``layer`` removed by zeroing its routing weights in a pre-hook on the HF experts module."""
+def _hand_drop_expert(folder: Path, architecture: str, ids: torch.Tensor, layer: int, expert: int, cls: type,
+                      stacked: bool = False):
+    """Expert ``expert`` of block ``layer`` removed by zeroing its routing weights in a pre-hook on the HF experts module
+    (``stacked``, Llama 4: by zeroing its block of the experts' stacked output in a forward hook)."""
 
     def pre(module, args, kwargs):
         hidden, idx, w = args[:3]
         return (hidden, idx, w * (idx != expert), *args[3:]), kwargs
 
+    def post(module, args, out):
+        out = out.clone()
+        out.view(module.num_experts, -1, out.shape[-1])[expert] = 0
+        return out
+
     def attach(hf):
         ex = next(m for m in _decoder_layers(hf)[layer].modules() if type(m) is cls)
-        return ex.register_forward_pre_hook(pre, with_kwargs=True)
+        return ex.register_forward_hook(post) if stacked else ex.register_forward_pre_hook(pre, with_kwargs=True)
 
     return _hand_removal(folder, architecture, ids, attach)
 
@@ -209,7 +216,7 @@ def _checks(architecture: str, folder: Path, row: CoverageRow) -> None:
 def _check_experts(architecture: str, folder: Path, model, prompts, ids, ev, row: CoverageRow) -> None:
     """MoE models: the per-expert decomposition adds up, and removing an expert equals zeroing it by hand."""
     from streamlens.errors import UnsupportedModelError
-    from streamlens.model.experts import experts_module, moe_layers, n_experts
+    from streamlens.model.experts import call_style, experts_module, moe_layers, n_experts
 
     import streamlens as sl
 
@@ -219,7 +226,8 @@ def _check_experts(architecture: str, folder: Path, model, prompts, ids, ev, row
     row.writers += f" (MoE: {n_experts(model, layers[-1])} experts)"
     row.reason = "experts: "
     layer, expert = layers[-1], 1
-    clean, abl = _hand_drop_expert(folder, architecture, ids, layer, expert, type(experts_module(model, layer)))
+    ex = experts_module(model, layer)
+    clean, abl = _hand_drop_expert(folder, architecture, ids, layer, expert, type(ex), call_style(ex) == "stacked")
     kl = _kl(clean, abl)
     r = ev.evaluate(f"expert.{layer}.{expert}", "skip", metrics=("kl",))
     row.numbers["expert_skip"] = abs(r["kl"] - kl) / (1 + kl)

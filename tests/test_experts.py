@@ -5,7 +5,7 @@ import torch
 
 import streamlens as sl
 from streamlens.coverage import _hand_drop_expert, _kl
-from streamlens.model.experts import experts_module, moe_layers, n_experts
+from streamlens.model.experts import call_style, experts_module, moe_layers, n_experts
 from streamlens.testing import build_bridged
 
 PROMPTS = ["The cat sat on the mat because it was", "def f(x): return x + 1"]
@@ -24,7 +24,8 @@ def moe(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Llama4ForCausalLM",
+                                  "FlexOlmoForCausalLM", "AfmoeForCausalLM"])
 def test_experts_add_up_to_the_moe_write(moe, arch):
     _, m = moe(arch)
     by_expert = sl.decompose(m, PROMPTS, "top:3", unit="expert", progress=False)
@@ -36,7 +37,8 @@ def test_experts_add_up_to_the_moe_write(moe, arch):
         whole = by_layer.values[by_layer.labels.index(f"mlp.{l}")]
         torch.testing.assert_close(by_expert.values[parts].sum(0), whole, rtol=1e-5, atol=1e-6)
         rest = by_expert.values[by_expert.labels.index(f"mlp_rest.{l}")]
-        if arch == "Qwen2MoeForCausalLM":  # the shared expert is what the routed experts leave
+        # FlexOlmo and Afmoe write norm(moe(x)): the shares pass through that norm at its frozen scale
+        if arch in ("Qwen2MoeForCausalLM", "Llama4ForCausalLM", "AfmoeForCausalLM"):  # the shared expert is the rest
             assert float(rest.abs().max()) > 1e-4
         else:  # no shared expert: the routed experts are the whole write
             assert float(rest.abs().max()) <= 1e-6 * float(whole.abs().max())
@@ -44,14 +46,15 @@ def test_experts_add_up_to_the_moe_write(moe, arch):
     assert set(df.loc[df.kind == "expert", "expert"].dropna().astype(int)) == set(range(n_experts(m, moe_layers(m)[0])))
 
 
-@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Llama4ForCausalLM"])
 def test_removing_an_expert_equals_zeroing_its_routing_weight_by_hand(moe, arch):
     folder, m = moe(arch)
     ids = torch.randint(1, 500, (3, 12), generator=torch.Generator().manual_seed(2))
     ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, progress=False, n_boot=20)
     layer = moe_layers(m)[-1]
     for expert in range(n_experts(m, layer)):
-        clean, abl = _hand_drop_expert(folder, arch, ids, layer, expert, type(experts_module(m, layer)))
+        ex = experts_module(m, layer)
+        clean, abl = _hand_drop_expert(folder, arch, ids, layer, expert, type(ex), call_style(ex) == "stacked")
         kl = _kl(clean, abl)
         for path in ("prefix", "naive"):
             got = ev.evaluate(f"expert.{layer}.{expert}", metrics=("kl", "top1"), path=path)
@@ -76,3 +79,14 @@ def test_expert_errors(moe, tiny_models):
         sl.decompose(llama, PROMPTS, "top:1", unit="expert", progress=False)
     with pytest.raises(sl.StreamlensError, match="block 0 has no mixture of experts"):
         sl.LayerSkipEvaluator(llama, PROMPTS, progress=False, n_boot=10).evaluate("expert.0.0")
+
+
+def test_llama4_experts_are_called_stacked():
+    """Llama 4's experts module takes every expert's copy of the tokens at once (router score already applied)."""
+    from streamlens.coverage import build
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        m = sl.load(str(build("Llama4ForCausalLM", f"{d}/l4")[0]))
+        assert moe_layers(m) == (0, 1) and call_style(experts_module(m, 0)) == "stacked" and n_experts(m, 0) == 4

@@ -38,7 +38,7 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Atom, Unit
 from streamlens.model import hooks
-from streamlens.model.experts import drop_experts, experts_module
+from streamlens.model.experts import removal_hook
 
 # ------------------------------------------------------------------------------- where a removal acts
 def write_point(arch, atom: Atom) -> tuple[str, str]:
@@ -143,7 +143,7 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
 
         out.append((hp, zfn))
     for layer, es in experts.items():  # zero the routing weights of the removed experts: exactly their share
-        out.append((experts_module(model, layer), hooks.PreHook(drop_experts(es))))
+        out.append(removal_hook(model, layer, es))
     return out
 
 

@@ -14,6 +14,12 @@ every weight but expert ``e``'s set to zero gives expert ``e``'s exact share, an
     with hooks.attached([(experts_module(model, 3), hooks.PreHook(drop_experts([5])))]):
         model.run(ids, mask)                               # layer 3 without expert 5
 
+Llama 4 calls its experts differently: ``experts(x)`` with ``x`` of shape ``(n_experts * tokens, d)``,
+every token once per expert with its input already multiplied by its router score (zero where the
+expert is not chosen), and returns the outputs in the same stacked layout. Expert ``e``'s exact share
+is then its block of the output, ``out.view(n_experts, tokens, d)[e]``, and removing it zeroes that
+block (a forward hook instead of a pre-hook): :func:`removal_hook` gives the right one for either.
+
 What the MoE layer writes beyond the routed experts (shared experts, their gate) stays one
 remainder, so the parts always add up to the layer's write.
 """
@@ -50,8 +56,20 @@ def experts_module(model: Model, layer: int) -> nn.Module | None:
     if not isinstance(ex, nn.Module):
         return None
     ex = _unwrap(ex)
+    return ex if call_style(ex) else None
+
+
+def call_style(ex: nn.Module) -> str | None:
+    """``"routed"`` (``experts(hidden, top_k_index, top_k_weights)``), ``"stacked"`` (Llama 4:
+    ``experts(x)`` on every expert's copy of the tokens, stacked on the first axis) or None."""
     params = [p for p in inspect.signature(ex.forward).parameters.values() if p.name != "self"]
-    return ex if len(params) >= 3 else None
+    if len(params) >= 3:
+        return "routed"
+    n = getattr(ex, "num_experts", None)
+    weights = [p for p in ex.parameters(recurse=False)]
+    if len(params) == 1 and isinstance(n, int) and weights and all(p.dim() == 3 and p.shape[0] == n for p in weights):
+        return "stacked"
+    return None
 
 
 def n_experts(model: Model, layer: int) -> int:
@@ -67,36 +85,47 @@ def moe_layers(model: Model) -> tuple[int, ...]:
     return tuple(l for l in range(model.arch.n_layers) if n_experts(model, l) > 0)
 
 
-def check_splittable(model: Model, layer: int) -> None:
-    """Refuse a per-expert split where the MoE output is not added to the stream as it is."""
+def check_splittable(model: Model, layer: int) -> str | None:
+    """Refuse a per-expert split where the MoE output is not added to the stream as it is, or through one norm
+    (sandwich, post-sub-layer norm: returns that norm's name, whose frozen scale makes it linear in the shares)."""
     rule = model.arch.rule_of(layer)
+    norm = rule.write_norm("mlp")
+    if norm is not None and "mlp" not in rule.true_writes and rule.base_point("mlp") is None \
+            and (layer, norm) in model.block_norms:
+        return norm
     if rule.write_point("mlp") != ("mlp", "out") or rule.base_point("mlp") is not None:
         raise UnsupportedModelError(
             f"experts of layer {layer}: {model.name}'s MLP write is not the MoE block's output as it is "
             f"({model.arch.layout} layout), so per-expert shares would not add up to it"
         )
+    return None
 
 
 def expert_writes(model: Model, layer: int, call: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """``(n_experts, tokens, d_model)``: each routed expert's share of the MoE output, for one recorded call.
 
-    ``call`` is ``(hidden_states, top_k_index, top_k_weights)`` as the experts module received it;
-    shares are in the stream's units (times the model's residual multiplier).
+    ``call`` is ``(hidden_states, top_k_index, top_k_weights)`` as the experts module received it, or
+    ``(output,)`` of a stacked experts module (Llama 4); shares are in the stream's units (times the
+    model's residual multiplier).
     """
     ex = experts_module(model, layer)
+    r = model.arch.rule_of(layer).scale_of("mlp")
+    if len(call) == 1:  # stacked: (n_experts * tokens, d) -> each expert's block is its share
+        w = call[0].float().reshape(n_experts(model, layer), -1, call[0].shape[-1])
+        return w * r if r != 1.0 else w
     hidden, idx, weights = call
     outs = []
     with torch.no_grad():
         for e in range(n_experts(model, layer)):
             outs.append(ex(hidden, idx, weights * (idx == e).to(weights.dtype)).float())
     w = torch.stack(outs)
-    r = model.arch.rule_of(layer).scale_of("mlp")
     return w * r if r != 1.0 else w
 
 
 @contextmanager
 def recording(model: Model, layers: Sequence[int]) -> Iterator[dict[int, tuple[Tensor, Tensor, Tensor]]]:
-    """Record the ``(hidden_states, top_k_index, top_k_weights)`` each experts module of ``layers`` is called with."""
+    """Record the ``(hidden_states, top_k_index, top_k_weights)`` each experts module of ``layers`` is called with
+    (``(output,)`` for a stacked experts module)."""
     calls: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     handles = []
 
@@ -106,13 +135,38 @@ def recording(model: Model, layers: Sequence[int]) -> Iterator[dict[int, tuple[T
             calls[layer] = tuple(v.detach() for v in vals[:3])
         return pre
 
+    def keep_out(layer):
+        def post(module, args, out):
+            calls[layer] = (out.detach(),)
+        return post
+
     try:
         for l in layers:
-            handles.append(experts_module(model, l).register_forward_pre_hook(keep(l), with_kwargs=True))
+            ex = experts_module(model, l)
+            if call_style(ex) == "stacked":
+                handles.append(ex.register_forward_hook(keep_out(l)))
+            else:
+                handles.append(ex.register_forward_pre_hook(keep(l), with_kwargs=True))
         yield calls
     finally:
         for h in handles:
             h.remove()
+
+
+def removal_hook(model: Model, layer: int, experts: Sequence[int]) -> tuple[nn.Module, Callable]:
+    """``(module, hook)`` for :func:`streamlens.model.hooks.attached` that removes exactly the shares of ``experts``
+    of block ``layer``: a pre-hook zeroing their routing weights, or (stacked experts) a hook zeroing their outputs."""
+    ex = experts_module(model, layer)
+    if call_style(ex) == "stacked":
+        n, drop = n_experts(model, layer), sorted(set(experts))
+
+        def zero(out: Tensor) -> Tensor:
+            out = out.clone()
+            out.view(n, -1, out.shape[-1])[drop] = 0
+            return out
+
+        return ex, zero
+    return ex, hooks.PreHook(drop_experts(experts))
 
 
 def drop_experts(experts: Sequence[int]) -> Callable:

@@ -52,7 +52,8 @@ def batch_writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequen
             writers.append((Component(f"{c}.{layer}", c, layer), named[f"{c}_out"]))
         late = "ple_out" in named  # Gemma 4's per-layer-input write, after the MLP
         if layer in calls:  # unit="expert": one component per routed expert, plus the rest of the MoE write
-            writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx))
+            writers.extend(expert_components(model, layer, named["mlp_out"], calls.pop(layer), (b, p), bidx, pidx,
+                                             moe_outs.pop(layer, None)))
         elif "mlp_out" in named:  # single-writer blocks (Mamba) have no MLP slot
             writers.append((Component(f"mlp.{layer}", "mlp", layer), named["mlp_out"]))
         if late:
@@ -73,6 +74,10 @@ def batch_writers(model: Model, batch, pos_idx, unit: str, neuron_layers: Sequen
     moe = moe_layers(model) if unit == "expert" else ()
     if unit == "expert" and not moe:
         raise StreamlensError(f"unit='expert': {model.name} has no mixture-of-experts blocks")
+    moe_outs: dict[int, Tensor] = {}  # the MoE block's output before a norm that follows it (sandwich)
+    for l in (l for l in moe if a.rule_of(l).write_norm("mlp") is not None):
+        extra.append((hooks.block_point(model.bridge, l, "mlp", "out"), lambda t, l=l: moe_outs.__setitem__(
+            l, hooks.select_positions_of(t, (b, p), bidx, pidx).float())))
     with hooks.attached(extra), experts.recording(model, moe) as calls:
         logits = capture(model, batch, pos_idx, layers=range(a.n_layers), heads=unit == "head",
                          store=lambda t: t.float(), on_layer=on_layer, on_global=on_global)
