@@ -18,14 +18,16 @@ REFUSED = {
     "CodeGenForCausalLM": r"the TransformerBridge cannot run this model's forward pass",
     "GraniteMoeHybridForCausalLM": r"the TransformerBridge cannot run this model's forward pass",
     "HrmTextForCausalLM": r"no single stack of blocks \(it has L_blocks, H_blocks\)",
+    # with an attention mask the bridged forward is not causal (HF's own is): no trace would be the model's
+    # (its blocks also return a list, whose output hook the bridge never calls)
+    "OpenAIGPTLMHeadModel": r"does not run this model as HuggingFace does: with an attention mask its forward is not causal",
     "RecurrentGemmaForCausalLM": r"exposes no sub-layers inside block 0",
     "Zamba2ForCausalLM": r"exposes no sub-layers inside block 1",
     # no single residual vector per position
     "DeepseekV4ForCausalLM": r"not one d_model vector per position.*hyper-connections",
     # logits not linear in the final norm's output: trace and skip work, decompose is refused
     "ModernBertDecoderForCausalLM": r"^decompose: .*a prediction head \(lm_head\) sits between the final norm and the unembedding",
-    # update rules streamlens does not know yet
-    "OpenAIGPTLMHeadModel": r"the bridge never calls block 0's output hook",
+    # no attention-style residual stream: time mixing and channel mixing with their own state
     "RwkvForCausalLM": r"block 0 also has pre_ln, time_mix, channel_mix, which no rule places",
 }
 ARCHS = coverage.architectures()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from streamlens.errors import UnsupportedModelError
 from streamlens.model import hooks, layouts
+from streamlens.model.checks import check_causal, check_residual_shape, check_stack, relative_error
 from streamlens.model.layouts import SUBLAYERS, Layout
 from streamlens.model.norms import NormKind, identify_norm
 from streamlens.model.writers import (PLACED, co_writer_candidates, measured_scales, stream_scale,
@@ -142,11 +143,6 @@ class Architecture:
         return d
 
 
-def relative_error(got: Tensor, want: Tensor) -> float:
-    """``‖got − want‖ / ‖want‖`` over the whole tensor."""
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
-
-
 #: Every raw point some layout reads (Gemma 4's per-layer-input write beyond the common block points).
 _LAYOUT_POINTS = tuple(sorted(set().union(*(lay.points(SUBLAYERS, True) for lay in layouts.LAYOUTS))))
 
@@ -229,27 +225,6 @@ def _unplaced(model: Model, layer: int, raw: dict) -> str:
     return ""
 
 
-def _check_stack(model: Model) -> None:
-    """Refuse, by name, models without one stack of blocks or with a residual that is not one vector per position."""
-    bridge = model.bridge
-    if getattr(bridge, "blocks", None) is None or len(bridge.blocks) == 0:
-        stacks = [n for n, m in bridge.named_children() if isinstance(m, nn.ModuleList)]
-        raise UnsupportedModelError(
-            f"{model.name}: the bridge has no single stack of blocks (it has {', '.join(stacks) or 'none'}), so there "
-            "is no one residual stream to follow"
-        )
-
-
-def _check_residual_shape(model: Model, rec: dict, shape: tuple[int, int], d_model: int) -> None:
-    for (layer, comp, side), t in rec.items():
-        if comp == "block" and t.dim() != 3 or comp == "block" and tuple(t.shape) != (*shape, d_model):
-            raise UnsupportedModelError(
-                f"{model.name}: the residual stream is not one d_model vector per position: block {layer}'s {side}put "
-                f"has shape {tuple(t.shape)} for a batch of shape {shape} (d_model {d_model}); several parallel "
-                "streams (hyper-connections) have no single sum of writes"
-            )
-
-
 def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[float, float | None, str]:
     """``(logit_scale, logit_softcap, problem)``: how the logits follow from ``z = unembed(ln_final(x))``.
 
@@ -290,7 +265,7 @@ def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[
 
 def probe(model: Model) -> Architecture:
     """Measure ``model``'s :class:`Architecture` (and fill ``model.block_norms`` / ``model.final_norm``)."""
-    _check_stack(model)
+    check_stack(model)
     bridge, cfg = model.bridge, model.bridge.cfg
     n_layers = len(bridge.blocks)
     d_model = int(cfg.d_model)
@@ -327,7 +302,9 @@ def probe(model: Model) -> Architecture:
             f"{model.name}: the TransformerBridge cannot run this model's forward pass "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
         ) from e
-    _check_residual_shape(model, rec, tuple(ids.shape), d_model)
+    check_residual_shape(model, rec, tuple(ids.shape), d_model)
+    if str(getattr(cfg, "attention_dir", "causal")) == "causal":
+        check_causal(model, ids, logits)
 
     def pt(layer, comp, side):
         return rec.get((layer, comp, side))
