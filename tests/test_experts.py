@@ -64,6 +64,8 @@ def test_removing_an_expert_equals_zeroing_its_routing_weight_by_hand(moe, arch)
     both = ev.evaluate([f"expert.{layer}.0", f"expert.{layer}.1"], metrics=("kl",))["kl"]
     assert both > 0
     sweep = ev.sweep("expert")
+    stacked = sl.LayerSkipEvaluator(m, ids, batch_size=3, progress=False, n_boot=20, variants_per_pass=3).sweep("expert")
+    assert list(stacked.table["kl"]) == list(sweep.table["kl"])  # expert removals are not stacked (they crashed)
     assert list(sweep.table["unit"]) == [f"expert.{l}.{e}" for l in moe_layers(m) for e in range(n_experts(m, l))]
 
 

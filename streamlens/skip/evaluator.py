@@ -237,7 +237,8 @@ class LayerSkipEvaluator:
             return
         b, p = c.batch.input_ids.shape
         g = variants_per_pass(self.model, b, p, len(c.doc), self.memory_budget, self.variants_per_pass)
-        if g == 1:
+        # an expert's removal hooks its experts module, whose rows are routed tokens: one variant per pass
+        if g == 1 or any(a.kind == "expert" for u in units for a in u.atoms):
             for u in units:
                 yield u, row_metrics(c, *tail(self.model, c, u, mode, self._means), names, self.task)
             return
