@@ -71,7 +71,9 @@ def test_attention_and_mamba_are_two_writers_sharing_one_read(falcon):
         # resid_mid = resid_pre + attn_out + mamba_out, both reading the same normalised stream
         want = tr["resid_pre", l] + tr["attn_out", l] + tr["mamba_out", l]
         torch.testing.assert_close(tr["resid_mid", l], want, rtol=1e-5, atol=1e-6)
-        assert tr["mamba_read_normed", l] is tr["attn_read_normed", l]
+        # both read the same normalised stream; attention's own input is it times attention_in_multiplier (1.5)
+        torch.testing.assert_close(tr["attn_read_normed", l], 1.5 * tr["mamba_read_normed", l], rtol=1e-6, atol=1e-7)
+        assert tr["mamba_read", l] is tr["attn_read", l] is tr["resid_pre", l]
         assert float(tr["mamba_out", l].norm()) > 1e-3 and float(tr["attn_out", l].norm()) > 1e-3
         # the per-head split carries the attention multiplier
         heads = tr["head_out", l].sum(-2) + tr["attn_bias_out", l]

@@ -167,7 +167,11 @@ class Layout:
         return None
 
     def read_normed_point(self, sub: str, has_ln2: bool) -> Point | None:
-        """Where the normalised read of ``sub`` can be seen (None: the sub-layer reads the stream unnormalised)."""
+        """Where the normalised read of ``sub`` can be seen (None: the sub-layer reads the stream unnormalised).
+
+        With co-writers each token mixer's own input (Falcon-H1 multiplies attention's by ``attention_in_multiplier``)."""
+        if self.co_writers and sub == "attn":
+            return "attn", "in"
         return (_NORM[sub] if has_ln2 or sub == "attn" else "ln1"), "out"
 
     def mlp_reads(self) -> str:
@@ -198,7 +202,7 @@ class Layout:
             if self.read_normed_point(sub, has_ln2) is not None:
                 pts.add(self.read_normed_point(sub, has_ln2))
         if "attn" in sublayers:
-            pts |= {(c, "out") for c in self.co_writers}
+            pts |= {(c, side) for c in self.co_writers for side in ("in", "out")}
         return pts
 
     def head_points(self) -> set[Point]:
@@ -230,7 +234,7 @@ class Layout:
             out[f"{sub}_read_normed"] = reads[sub] if normed is None else raw[normed]
             out[f"{sub}_out"] = self.write(raw, sub)
         for c in self.co_writers if "attn" in sublayers else ():  # they share the token mixer's read
-            out[f"{c}_read"], out[f"{c}_read_normed"] = out["attn_read"], out["attn_read_normed"]
+            out[f"{c}_read"], out[f"{c}_read_normed"] = out["attn_read"], raw[(c, "in")]
             w = raw[(c, "out")]
             out[f"{c}_out"] = w if self.scale_of(c) == 1.0 else w * self.scale_of(c)
         return out

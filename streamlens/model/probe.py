@@ -157,8 +157,8 @@ def _record_all(model: Model, ids: Tensor, mask: Tensor) -> tuple[dict, Tensor]:
         return lambda t: rec.__setitem__(key, hooks.select_positions_of(t, shape, None, None, all_positions=True).clone())
 
     for layer in range(len(model.bridge.blocks)):
-        unplaced = tuple((n, "out") for n, m in model.bridge.blocks[layer].named_children()
-                         if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED)
+        unplaced = tuple((n, side) for n, m in model.bridge.blocks[layer].named_children()
+                         if hasattr(m, "hook_out") and not n.startswith("_") and n not in PLACED for side in ("in", "out"))
         for comp, side in dict.fromkeys(hooks.BLOCK_POINTS + tuple(true_write_candidates(model.bridge, layer).values())
                                         + unplaced + _LAYOUT_POINTS):
             hp = hooks.block_point(model.bridge, layer, comp, side)

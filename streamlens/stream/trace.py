@@ -24,6 +24,12 @@ In the post-sub-layer-norm layout (OLMo 2) ``attn_read_normed`` is ``resid_pre``
 linear-attention or convolution block they can also be read as ``mixer_out``, ``linear_attn_out``,
 ``conv_out`` (and ``*_read``, ``*_read_normed``), the bridge's names (``model.arch.writers`` lists them).
 
+More writers than two: Falcon-H1's Mamba mixer writes beside attention on the same read, as
+``mamba_out`` (``mamba_read``, ``mamba_read_normed``), and ``resid_mid = resid_pre + attn_out + mamba_out``
+(each write times its own output multiplier; ``*_read_normed`` is what each mixer receives). Gemma 4
+adds a per-layer-input write after the MLP, ``ple_out``, reading ``ple_read = resid_mid + mlp_out``, and
+scales the whole stream at the end of the block: ``resid_post = s · (ple_read + ple_out)``.
+
 ``head_out`` (``heads=True``, attention blocks only) has shape ``(batch, pos, head, d_model)``: head ``h``'s write
 ``z_h @ W_O[h]``; ``head_out.sum(head) + attn_bias_out == attn_out`` (for Gemma 2's extra norm, at
 that norm's scale on this input). Globals: ``embed``, ``pos_embed``, ``final_in``, ``final_scale``,
