@@ -74,8 +74,8 @@ def test_expert_errors(moe, tiny_models):
     ev = sl.LayerSkipEvaluator(m, PROMPTS, progress=False, n_boot=10)
     with pytest.raises(sl.StreamlensError, match=r"expert 9 does not exist: block 1 has 4 routed experts \(0..3\)"):
         ev.evaluate("expert.1.9")
-    with pytest.raises(sl.StreamlensError, match="mode 'skip' only, not 'mean'"):
-        ev.evaluate("expert.1.0", "mean")
+    with pytest.raises(sl.StreamlensError, match="an expert has no skip connection of its own: .* not 'drop-residual'"):
+        ev.evaluate("expert.1.0", "drop-residual")
     llama = tiny_models("llama")
     with pytest.raises(sl.StreamlensError, match="has no mixture-of-experts blocks"):
         sl.decompose(llama, PROMPTS, "top:1", unit="expert", progress=False)
@@ -92,3 +92,50 @@ def test_llama4_experts_are_called_stacked():
     with tempfile.TemporaryDirectory() as d:
         m = sl.load(str(build("Llama4ForCausalLM", f"{d}/l4")[0]))
         assert moe_layers(m) == (0, 1) and call_style(experts_module(m, 0)) == "stacked" and n_experts(m, 0) == 4
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Llama4ForCausalLM"])
+def test_an_expert_in_mean_mode_is_its_mean_share(moe, arch):
+    """``mean``: the expert's share of the experts' output replaced by its mean share over the data, by hand on HF."""
+    import transformers
+
+    folder, m = moe(arch)
+    ids = torch.randint(1, 500, (3, 12), generator=torch.Generator().manual_seed(3))
+    layer, expert = moe_layers(m)[-1], 1
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, progress=False, n_boot=10)
+    hf = getattr(transformers, arch).from_pretrained(folder).eval()
+    from streamlens.coverage import _decoder_layers
+
+    cls = type(experts_module(m, layer))
+    ex = next(mod for mod in _decoder_layers(hf)[layer].modules() if type(mod) is cls)
+    stacked = call_style(ex) == "stacked"
+    seen = {}
+
+    def share(mod, args, out):  # expert `expert`'s share of this call, (tokens, d)
+        if stacked:
+            return out.view(mod.num_experts, -1, out.shape[-1])[expert]
+        hidden, idx, w = args[:3]
+        return mod.forward(hidden, idx, w * (idx == expert).to(w.dtype))
+
+    h = ex.register_forward_hook(lambda mod, args, out: seen.__setitem__("share", share(mod, args, out).detach()))
+    with torch.no_grad():
+        clean = hf(ids, use_cache=False).logits
+    h.remove()
+    mean = seen["share"].reshape(3, 12, -1).mean(0)  # (pos, d): over the documents at each position
+
+    def replace(mod, args, out):
+        out = out.clone()
+        if stacked:
+            out.view(mod.num_experts, -1, out.shape[-1])[expert] = mean.repeat(3, 1)
+            return out
+        return out - share(mod, args, out) + mean.repeat(3, 1)
+
+    h = ex.register_forward_hook(replace)
+    with torch.no_grad():
+        abl = hf(ids, use_cache=False).logits
+    h.remove()
+    kl = _kl(clean.float(), abl.float())
+    assert kl > 1e-7
+    got = ev.evaluate(f"expert.{layer}.{expert}", "mean", metrics=("kl",))["kl"]
+    assert abs(got - kl) <= 1e-5 * (1 + kl)
+    assert ev.evaluate(f"expert.{layer}.{expert}", "skip", metrics=("kl",))["kl"] != got

@@ -12,19 +12,50 @@ from torch import Tensor
 
 from streamlens.intervene.units import Atom
 from streamlens.intervene.removal import base_point, write_point
-from streamlens.model import hooks
+from streamlens.model import experts, hooks
 
 def mean_writes(model, batches, over: str = "position") -> dict:
     """The mean write of every atom over the non-padding tokens of ``batches`` (one extra clean pass).
 
     Keys are :class:`Atom` s (``block``/``attn``/``mlp``) and ``Atom("attn_z", l)`` for the heads'
     ``z`` of layer ``l``; values ``(pos, d)`` (``over="position"``: mean over documents at each
-    position) or ``(d,)`` (``over="all"``).
+    position) or ``(d,)`` (``over="all"``). Routed experts' mean shares are computed when first asked for
+    (:class:`MeanWrites`).
     """
+    batches = list(batches)  # kept (token ids only) for the expert means, computed when first asked for
     sums: dict = {}
     counts: dict = {}
     for batch in batches:
         add_write_sums(sums, counts, batch_write_sums(model, batch))
+    return MeanWrites(finish_means(sums, counts, over), model, batches, over)
+
+
+class MeanWrites(dict):
+    """The mean writes of :func:`mean_writes`; the mean share of each routed expert (``Atom("expert", l, e)``, the
+    expert's output times its routing weight, before any residual multiplier or norm) is computed on first use,
+    one pass over the same batches for all experts of layer ``l`` (it costs one experts call per expert)."""
+
+    def __init__(self, means: dict, model, batches, over: str):
+        super().__init__(means)
+        self.model, self.batches, self.over = model, batches, over
+
+    def get(self, atom, default=None):
+        if isinstance(atom, Atom) and atom.kind == "expert" and atom not in self:
+            self.update(_expert_means(self.model, atom.layer, self.batches, self.over))
+        return super().get(atom, default)
+
+
+def _expert_means(model, layer: int, batches, over: str) -> dict:
+    sums: dict = {}
+    counts: dict = {}
+    for batch in batches:
+        b, p = batch.input_ids.shape
+        with torch.no_grad(), experts.recording(model, [layer]) as calls:
+            model.run(batch.input_ids, batch.mask)
+        shares = experts.expert_writes(model, layer, calls[layer], scaled=False).double()  # (E, tokens, d)
+        mask = batch.mask.to(shares.device).double()[..., None]  # (b, p, 1)
+        add_write_sums(sums, counts, {Atom("expert", layer, e): ((w.reshape(b, p, -1) * mask).sum(0), mask.sum(0))
+                                      for e, w in enumerate(shares)})
     return finish_means(sums, counts, over)
 
 

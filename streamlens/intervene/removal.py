@@ -14,7 +14,7 @@ mode                   block ``l`` (``out = in + f(in)``, all layouts)
 ``drop-residual`` on a post-norm block (BERT, ``out = ln2(h + mlp(h))``, ``h = ln1(x + attn(x))``)
 removes both skip connections inside the norms: ``out = ln2(mlp(h'))`` with ``h' = ln1(attn(x))``.
 
-For sub-layers and heads (``skip`` and ``mean`` only):
+For sub-layers, heads and experts (``skip`` and ``mean`` only):
 
 * pre-norm (GPT-2, Llama, OPT) and parallel (GPT-J, NeoX): the write is ``attn.hook_out`` /
   ``mlp.hook_out``; ``skip`` replaces it by zeros, ``mean`` by its mean. In a parallel block the
@@ -26,6 +26,9 @@ For sub-layers and heads (``skip`` and ``mean`` only):
 * a head ``h``: its slice of the output projection's input ``z`` (``attn.o.hook_in``) is zeroed
   (``skip``) or set to its mean (``mean``), which removes exactly ``z_h W_O[h]`` before any extra
   norm; the output bias stays.
+* an expert ``e`` of a mixture of experts: ``skip`` zeroes its routing weight, which removes exactly its
+  share ``r_e(x) · E_e(x)`` of the experts' output; ``mean`` replaces that share by its mean share over
+  the data (at each position, or overall), before any residual multiplier or norm after the MoE block.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor
 from streamlens.errors import StreamlensError
 from streamlens.intervene.units import Atom, Unit
 from streamlens.model import hooks
-from streamlens.model.experts import removal_hook
+from streamlens.model.experts import removal_hook, replacement_hooks
 
 # ------------------------------------------------------------------------------- where a removal acts
 def write_point(arch, atom: Atom) -> tuple[str, str]:
@@ -142,8 +145,17 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
             return z.reshape(t.shape)
 
         out.append((hp, zfn))
-    for layer, es in experts.items():  # zero the routing weights of the removed experts: exactly their share
-        out.append(removal_hook(model, layer, es))
+    for layer, es in experts.items():
+        if mode == "skip":  # zero the routing weights of the removed experts: exactly their share
+            out.append(removal_hook(model, layer, es))
+            continue
+        # mean: each expert's share replaced by its mean share over the data (before any multiplier or norm)
+        got = {e: None if means is None else means.get(Atom("expert", layer, e)) for e in es}
+        if any(m is None for m in got.values()):
+            raise StreamlensError(f"{unit.label} in mode 'mean': no mean expert shares were computed (the mean pass of "
+                                  "a torchrun process group has none); use mode 'skip' or run in one process")
+        new = {e: (lambda share, m=m: _fit(_mean_like(m, share, n_pos), share)) for e, m in got.items()}
+        out.extend(replacement_hooks(model, layer, new))
     return out
 
 

@@ -165,8 +165,9 @@ def check_mode(mode: str, unit: Unit) -> None:
     """Refuse an unknown mode, or drop-residual on anything but blocks."""
     if mode not in MODES:
         raise StreamlensError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if mode != "skip" and any(a.kind == "expert" for a in unit.atoms):
-        raise StreamlensError(f"an expert is removed by zeroing its routing weight: mode 'skip' only, not {mode!r}")
+    if mode == "drop-residual" and any(a.kind == "expert" for a in unit.atoms):
+        raise StreamlensError(f"an expert has no skip connection of its own: modes 'skip' (its routing weight zeroed) "
+                              f"and 'mean' (its share replaced by its mean share), not {mode!r}")
     if mode == "drop-residual" and any(a.kind != "block" for a in unit.atoms):
         raise StreamlensError(
             f"mode 'drop-residual' removes a block's skip connection; it applies to blocks and spans, not {unit.label!r}"

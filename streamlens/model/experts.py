@@ -101,15 +101,15 @@ def check_splittable(model: Model, layer: int) -> str | None:
     return None
 
 
-def expert_writes(model: Model, layer: int, call: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+def expert_writes(model: Model, layer: int, call: tuple[Tensor, Tensor, Tensor], *, scaled: bool = True) -> Tensor:
     """``(n_experts, tokens, d_model)``: each routed expert's share of the MoE output, for one recorded call.
 
     ``call`` is ``(hidden_states, top_k_index, top_k_weights)`` as the experts module received it, or
     ``(output,)`` of a stacked experts module (Llama 4); shares are in the stream's units (times the
-    model's residual multiplier).
+    model's residual multiplier; ``scaled=False``: as the experts module outputs them).
     """
     ex = experts_module(model, layer)
-    r = model.arch.rule_of(layer).scale_of("mlp")
+    r = model.arch.rule_of(layer).scale_of("mlp") if scaled else 1.0
     if len(call) == 1:  # stacked: (n_experts * tokens, d) -> each expert's block is its share
         w = call[0].float().reshape(n_experts(model, layer), -1, call[0].shape[-1])
         return w * r if r != 1.0 else w
@@ -117,7 +117,7 @@ def expert_writes(model: Model, layer: int, call: tuple[Tensor, Tensor, Tensor])
     outs = []
     with torch.no_grad():
         for e in range(n_experts(model, layer)):
-            outs.append(ex(hidden, idx, weights * (idx == e).to(weights.dtype)).float())
+            outs.append(ex.forward(hidden, idx, weights * (idx == e).to(weights.dtype)).float())  # no hooks
     w = torch.stack(outs)
     return w * r if r != 1.0 else w
 
@@ -167,6 +167,37 @@ def removal_hook(model: Model, layer: int, experts: Sequence[int]) -> tuple[nn.M
 
         return ex, zero
     return ex, hooks.PreHook(drop_experts(experts))
+
+
+def replacement_hooks(model: Model, layer: int, new: dict[int, Callable[[Tensor], Tensor]]) -> list:
+    """Hooks for :func:`streamlens.model.hooks.attached` that replace expert ``e``'s share of block ``layer``'s experts
+    output by ``new[e](share)`` (shares as the module outputs them, ``(tokens, d)``): the ``mean`` removal mode."""
+    ex = experts_module(model, layer)
+    if call_style(ex) == "stacked":
+        n = n_experts(model, layer)
+
+        def stacked(out: Tensor) -> Tensor:
+            out = out.clone()
+            view = out.view(n, -1, out.shape[-1])
+            for e, f in new.items():
+                view[e] = f(view[e])
+            return out
+
+        return [(ex, stacked)]
+    held: dict = {}
+
+    def pre(module, args, kwargs):
+        vals = list(args) + list(kwargs.values())
+        held["call"] = vals[:3]
+
+    def post(out: Tensor) -> Tensor:
+        hidden, idx, w = held.pop("call")
+        for e, f in new.items():
+            share = ex.forward(hidden, idx, w * (idx == e).to(w.dtype))  # expert e's share (no hooks)
+            out = out - share + f(share)
+        return out
+
+    return [(ex, hooks.PreHook(pre)), (ex, post)]
 
 
 def drop_experts(experts: Sequence[int]) -> Callable:
