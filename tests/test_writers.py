@@ -121,7 +121,10 @@ def test_blocks_and_the_whole_sweep_over_a_writer(falcon):
     m, hf = falcon
     ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(2))
     ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
-    assert list(ev.sweep("mamba", metrics=("kl",)).table["unit"]) == ["mamba.0", "mamba.1"]
+    sweep = ev.sweep("mamba", mode="mean", metrics=("kl",))
+    assert list(sweep.table["unit"]) == ["mamba.0", "mamba.1"]
+    stacked = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False, variants_per_pass=4)
+    assert list(stacked.sweep("mamba", mode="mean", metrics=("kl",)).table["kl"]) == list(sweep.table["kl"])
     both = ev.evaluate(["attn.0", "mamba.0"], "skip", metrics=("kl",))["kl"]
     layer0 = hf.model.layers[0]
     clean = clean_logits(hf, ids)
