@@ -216,7 +216,7 @@ _SIZES: dict[str, Any] = dict(
 # numbers, so a check that ignores them fails instead of passing by accident.
 _NONTRIVIAL: dict[str, Any] = dict(
     residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=2.0, lm_head_multiplier=0.5,
-    final_logit_softcapping=1.0, logit_scale=0.5, initializer_range=0.1,
+    final_logit_softcapping=1.0, logits_soft_cap=1.0, logit_scale=0.5, initializer_range=0.1,
 )
 # Token ids that must lie inside the tiny vocabulary.
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")

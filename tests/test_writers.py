@@ -233,3 +233,35 @@ def test_verbs_that_follow_attention_and_mlp_only_say_so(falcon, gemma4):
         sl.information_flow(falcon[0], "The cat sat", "top:1")
     with pytest.raises(sl.UnsupportedModelError, match=r"value_paths: .* ple; each block scales the whole stream"):
         sl.value_paths(gemma4[0], ["The cat sat"], "top:1")
+
+
+# ---------------------------------------------------------------------------- a block the bridge wraps whole
+@pytest.mark.parametrize("mode", ["skip", "mean"])
+def test_recurrent_gemma_is_read_through_its_huggingface_sub_modules(tmp_path, mode):
+    """The bridge wraps RecurrentGemma's blocks whole (no sub-layer hooks): its temporal block (recurrent or
+    attention), MLP and their norms are hooked on the HuggingFace modules themselves. Its readout soft-caps the
+    logits under another config name (``logits_soft_cap``)."""
+    import transformers
+
+    folder, _ = coverage.build("RecurrentGemmaForCausalLM", tmp_path / "rg")
+    m = sl.load(str(folder))
+    assert m.arch.layout == "pre" and m.arch.writers == (("attn", "mlp"), ("attn", "mlp"))
+    assert m.arch.logit_softcap == 1.0 and m.arch.norm == "rmsnorm_offset"
+    tr = sl.trace(m, PROMPTS)
+    assert tr.closure_error() <= coverage.CLOSURE_TOL
+    assert sl.decompose(m, PROMPTS, "top:3", progress=False).check() <= coverage.DECOMPOSE_TOL
+    hf = transformers.RecurrentGemmaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
+    for layer, (name, part) in ((0, ("attn", "temporal_block")), (1, ("attn", "temporal_block")), (1, ("mlp", "mlp_block"))):
+        module = getattr(hf.model.layers[layer], part)
+        if mode == "skip":
+            replace = torch.zeros_like
+        else:
+            mean = _outputs(hf, ids, module).mean(0)
+            replace = lambda out, mean=mean: mean.expand_as(out).to(out.dtype)  # noqa: E731
+        clean, abl = _hand(hf, ids, module, replace)
+        kl = _kl(clean, abl)
+        assert kl > 1e-6
+        got = ev.evaluate(f"{name}.{layer}", mode, metrics=("kl",))["kl"]
+        assert abs(got - kl) <= coverage.SKIP_KL_TOL * (1 + kl), (layer, part)

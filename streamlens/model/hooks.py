@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -73,9 +74,43 @@ SLOTS: dict[str, tuple[str, ...]] = {
 
 
 def writer_name(bridge: nn.Module, layer: int, slot: str) -> str | None:
-    """The bridge's name of the component filling ``slot`` (``"attn"``/``"mlp"``) in block ``layer``, or None."""
+    """The bridge's name of the component filling ``slot`` (``"attn"``/``"mlp"``) in block ``layer``, or None
+    (the slot's own name where the bridge wraps the block whole and a HuggingFace sub-module fills it)."""
     block = bridge.blocks[layer]
-    return next((name for name in SLOTS.get(slot, (slot,)) if child(block, name) is not None), None)
+    name = next((name for name in SLOTS.get(slot, (slot,)) if child(block, name) is not None), None)
+    if name is None and slot in ("attn", "mlp") and _hf_part(bridge, layer, slot) is not None:
+        return slot
+    return name
+
+
+#: Where the bridge wraps a block whole and exposes none of its sub-layers (RecurrentGemma), the
+#: HuggingFace sub-modules stand in for the bridge's components; streamlens then hooks their outputs and
+#: inputs directly (:class:`Side`). The names per component, tried in order.
+HF_PARTS: dict[str, tuple[str, ...]] = {
+    "ln1": ("temporal_pre_norm",), "attn": ("temporal_block",), "ln2": ("channel_pre_norm",), "mlp": ("mlp_block",),
+}
+
+
+def _wrapped_whole(block: nn.Module) -> bool:
+    return not any(hasattr(m, "hook_out") for n, m in block.named_children() if not n.startswith("_"))
+
+
+def _hf_part(bridge: nn.Module, layer: int, component: str) -> nn.Module | None:
+    """The HuggingFace sub-module standing in for ``component`` of a block the bridge wraps whole, or None."""
+    block = bridge.blocks[layer]
+    hf = getattr(block, "original_component", None)
+    if hf is None or component not in HF_PARTS or not _wrapped_whole(block):
+        return None
+    return next((m for n in HF_PARTS[component] if (m := child(hf, n)) is not None), None)
+
+
+@dataclass(frozen=True)
+class Side:
+    """A hook point on a plain (HuggingFace) module: its input (``"in"``, first argument) or output (``"out"``,
+    the first element of a tuple output). :func:`attached` hooks it like a bridge HookPoint."""
+
+    module: nn.Module
+    side: str
 
 
 def block_component(bridge: nn.Module, layer: int, component: str) -> nn.Module | None:
@@ -92,14 +127,18 @@ def block_component(bridge: nn.Module, layer: int, component: str) -> nn.Module 
     head, _, rest = component.partition(".")
     name = writer_name(bridge, layer, head)
     module = None if name is None else child(block, name)
+    if module is None and not rest:
+        return _hf_part(bridge, layer, component)
     for part in rest.split(".") if rest else ():
         module = None if module is None else child(module, part)
     return module
 
 
-def hook_point(component: nn.Module | None, side: str) -> nn.Module | None:
+def hook_point(component: nn.Module | None, side: str) -> nn.Module | Side | None:
     if component is None:
         return None
+    if not hasattr(component, "hook_out"):  # a HuggingFace sub-module standing in for a bridge component
+        return Side(component, side)
     return child(component, f"hook_{side}")
 
 
@@ -154,11 +193,14 @@ def attached(hooks: Sequence[tuple[nn.Module, HookFn]], *, model: nn.Module | No
     itself, with or without hooks), else that of the first hooked module.
     """
     handles = []
-    owner = model if model is not None else (hooks[0][0] if hooks else None)
+    owner = model if model is not None else (_module_of(hooks[0][0]) if hooks else None)
     with model_lock(owner) if owner is not None else nullcontext():
         try:
             for module, fn in hooks:
-                if isinstance(fn, PreHook):  # changes a module's inputs (an expert's routing weight)
+                if isinstance(module, Side):
+                    handles.append(module.module.register_forward_hook(_wrap_output(fn)) if module.side == "out" else
+                                   module.module.register_forward_pre_hook(_wrap_input(fn), with_kwargs=True))
+                elif isinstance(fn, PreHook):  # changes a module's inputs (an expert's routing weight)
                     handles.append(module.register_forward_pre_hook(fn.fn, with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(_wrap(fn)))
@@ -168,6 +210,10 @@ def attached(hooks: Sequence[tuple[nn.Module, HookFn]], *, model: nn.Module | No
                 h.remove()
 
 
+def _module_of(point) -> nn.Module:
+    return point.module if isinstance(point, Side) else point
+
+
 def _wrap(fn: HookFn):
     def hook(module: nn.Module, args, output):
         if isinstance(output, torch.Tensor):
@@ -175,6 +221,31 @@ def _wrap(fn: HookFn):
         return None
 
     return hook
+
+
+def _wrap_output(fn: HookFn):
+    """For a :class:`Side`: the output tensor, or the first element of a HuggingFace module's tuple output."""
+    def hook(module: nn.Module, args, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):  # (hidden, extra)
+            new = fn(output[0])
+            return None if new is None else (new, *output[1:])
+        return None
+
+    return hook
+
+
+def _wrap_input(fn: HookFn):
+    def pre(module: nn.Module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+        new = None if key is None else fn(kwargs[key])
+        return None if new is None else (args, {**kwargs, key: new})
+
+    return pre
 
 
 def select_positions_of(t: Tensor, shape: tuple[int, int], bidx: Tensor | None, pidx: Tensor | None, *,

@@ -228,8 +228,8 @@ def _unplaced(model: Model, layer: int, raw: dict) -> str:
 def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[float, float | None, str]:
     """``(logit_scale, logit_softcap, problem)``: how the logits follow from ``z = unembed(ln_final(x))``.
 
-    Checked in order on the probe's numbers: the config's final soft-cap (``final_logit_softcapping``),
-    then ``logits = z``, then ``logits = s · z`` with one positive ``s`` measured by least squares.
+    Checked in order on the probe's numbers: the config's final soft-cap (``final_logit_softcapping`` or
+    ``logits_soft_cap``), then ``logits = z``, then ``logits = s · z`` with one positive ``s`` measured by least squares.
     """
     if unembed_out is None:
         return 1.0, None, "the model has no unembedding the bridge can hook"
@@ -242,7 +242,9 @@ def _readout(model: Model, final_out, unembed_in, unembed_out, logits) -> tuple[
                            "unembedding, so the logits are not linear in the final norm's output")
     z, logits = unembed_out.float(), logits.float()
     cfg = getattr(model.hf, "config", None)
-    cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    # the final soft-cap under either config name (Gemma 2's final_logit_softcapping, RecurrentGemma's logits_soft_cap)
+    cap = next((v for k in ("final_logit_softcapping", "logits_soft_cap")
+                if isinstance(v := getattr(cfg, k, None), (int, float))), None) if cfg is not None else None
     scale = float((logits * z).sum() / (z * z).sum().clamp_min(1e-30))
     if isinstance(cap, (int, float)) and cap > 0:
         capped = torch.tanh(z / cap) * cap
@@ -278,7 +280,7 @@ def probe(model: Model) -> Architecture:
         for comp in ("ln1", "ln2", "ln1_post", "ln2_post"):
             c = hooks.block_component(bridge, layer, comp)
             if c is not None:
-                spec = identify_norm(c.original_component, d_model, where=f"blocks.{layer}.{comp}")
+                spec = identify_norm(getattr(c, "original_component", c), d_model, where=f"blocks.{layer}.{comp}")
                 model.block_norms[(layer, comp)] = spec
                 kinds.add(spec.kind)
     if not kinds:
