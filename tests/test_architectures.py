@@ -21,7 +21,6 @@ REFUSED = {
     # with an attention mask the bridged forward is not causal (HF's own is): no trace would be the model's
     # (its blocks also return a list, whose output hook the bridge never calls)
     "OpenAIGPTLMHeadModel": r"does not run this model as HuggingFace does: with an attention mask its forward is not causal",
-    "Zamba2ForCausalLM": r"exposes no sub-layers inside block 1",
     # no single residual vector per position
     "DeepseekV4ForCausalLM": r"not one d_model vector per position.*hyper-connections",
     # logits not linear in the final norm's output: trace and skip work, decompose is refused

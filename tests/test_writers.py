@@ -265,3 +265,30 @@ def test_recurrent_gemma_is_read_through_its_huggingface_sub_modules(tmp_path, m
         assert kl > 1e-6
         got = ev.evaluate(f"{name}.{layer}", mode, metrics=("kl",))["kl"]
         assert abs(got - kl) <= coverage.SKIP_KL_TOL * (1 + kl), (layer, part)
+
+
+def test_zamba2_hybrid_block_reads_the_shared_transformer_but_writes_only_mamba(tmp_path):
+    """Zamba 2's hybrid block: ``out = x + mamba(norm(x + linear(shared_transformer(x, embeddings))))``; the bridge
+    wraps it whole, so its Mamba mixer and norm are hooked on the HuggingFace modules."""
+    import transformers
+
+    from streamlens.coverage import _decoder_layers, _hand_skip
+
+    folder, _ = coverage.build("Zamba2ForCausalLM", tmp_path / "zamba2")
+    m = sl.load(str(folder))
+    assert m.arch.block_layouts == ("single", "single_shared", "single", "single")
+    assert m.arch.writers[1] == ("mixer",)
+    tr = sl.trace(m, PROMPTS)
+    assert tr.closure_error() <= coverage.CLOSURE_TOL
+    gap = (tr["attn_read", 1] - tr["resid_pre", 1]).float().norm() / tr["resid_pre", 1].float().norm()
+    assert float(gap) > 1e-3  # the mixer reads the stream plus the shared transformer's output
+    assert sl.decompose(m, PROMPTS, "top:3", progress=False).check() <= coverage.DECOMPOSE_TOL
+    ids = torch.randint(1, m.arch.d_vocab, (3, 12), generator=torch.Generator().manual_seed(1))
+    ev = sl.LayerSkipEvaluator(m, ids, batch_size=3, n_boot=10, progress=False)
+    clean, abl = _hand_skip(folder, "Zamba2ForCausalLM", ids, 1)
+    kl = _kl(clean, abl)
+    assert kl > 1e-6 and abs(ev.evaluate("block.1", metrics=("kl",))["kl"] - kl) <= coverage.SKIP_KL_TOL * (1 + kl)
+    hf = transformers.Zamba2ForCausalLM.from_pretrained(folder).eval()
+    clean, abl = _hand(hf, ids, _decoder_layers(hf)[1].mamba_decoder.mamba, torch.zeros_like)
+    kl = _kl(clean, abl)
+    assert kl > 1e-6 and abs(ev.evaluate("mixer.1", metrics=("kl",))["kl"] - kl) <= coverage.SKIP_KL_TOL * (1 + kl)

@@ -5,7 +5,9 @@ A ``TransformerBridge`` wraps each HuggingFace sub-module in a component with ``
 points for the duration of one call and removes every one of them in a ``finally`` block, so a
 failed call leaves the model exactly as it was. The component names are the bridge's, the same for
 every architecture it supports: ``blocks[l].{ln1, attn, ln2, mlp, ln1_post, ln2_post}``, ``embed``,
-``pos_embed``, ``ln_final``, ``unembed``.
+``pos_embed``, ``ln_final``, ``unembed``. Where the bridge wraps a block whole (RecurrentGemma, Zamba 2's
+hybrid blocks), the HuggingFace sub-modules that fill its slots (:data:`HF_PARTS`) are hooked directly,
+on their input or output (:class:`Side`).
 
 Threads: hooks on a module fire for every forward through it, whichever thread runs it, so two
 calls on one model at once would see each other's tensors. Each model therefore has one lock
@@ -78,16 +80,19 @@ def writer_name(bridge: nn.Module, layer: int, slot: str) -> str | None:
     (the slot's own name where the bridge wraps the block whole and a HuggingFace sub-module fills it)."""
     block = bridge.blocks[layer]
     name = next((name for name in SLOTS.get(slot, (slot,)) if child(block, name) is not None), None)
-    if name is None and slot in ("attn", "mlp") and _hf_part(bridge, layer, slot) is not None:
-        return slot
+    if name is None and slot in ("attn", "mlp"):
+        return next((writer for path, writer in HF_PARTS[slot] if _hf_child(bridge, layer, path) is not None), None)
     return name
 
 
-#: Where the bridge wraps a block whole and exposes none of its sub-layers (RecurrentGemma), the
-#: HuggingFace sub-modules stand in for the bridge's components; streamlens then hooks their outputs and
-#: inputs directly (:class:`Side`). The names per component, tried in order.
-HF_PARTS: dict[str, tuple[str, ...]] = {
-    "ln1": ("temporal_pre_norm",), "attn": ("temporal_block",), "ln2": ("channel_pre_norm",), "mlp": ("mlp_block",),
+#: Where the bridge wraps a block whole and exposes none of its sub-layers (RecurrentGemma, Zamba 2's hybrid
+#: blocks), the HuggingFace sub-modules stand in for the bridge's components; streamlens then hooks their
+#: outputs and inputs directly (:class:`Side`). Per component, ``(dotted path, writer name)`` tried in order.
+HF_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ln1": (("temporal_pre_norm", "ln1"), ("mamba_decoder.input_layernorm", "ln1")),
+    "attn": (("temporal_block", "attn"), ("mamba_decoder.mamba", "mixer")),
+    "ln2": (("channel_pre_norm", "ln2"),),
+    "mlp": (("mlp_block", "mlp"),),
 }
 
 
@@ -97,11 +102,19 @@ def _wrapped_whole(block: nn.Module) -> bool:
 
 def _hf_part(bridge: nn.Module, layer: int, component: str) -> nn.Module | None:
     """The HuggingFace sub-module standing in for ``component`` of a block the bridge wraps whole, or None."""
-    block = bridge.blocks[layer]
-    hf = getattr(block, "original_component", None)
-    if hf is None or component not in HF_PARTS or not _wrapped_whole(block):
+    if component not in HF_PARTS:
         return None
-    return next((m for n in HF_PARTS[component] if (m := child(hf, n)) is not None), None)
+    return next((m for path, _ in HF_PARTS[component] if (m := _hf_child(bridge, layer, path)) is not None), None)
+
+
+def _hf_child(bridge: nn.Module, layer: int, path: str) -> nn.Module | None:
+    block = bridge.blocks[layer]
+    module = getattr(block, "original_component", None)
+    if module is None or not _wrapped_whole(block):
+        return None
+    for part in path.split("."):
+        module = None if module is None else child(module, part)
+    return module
 
 
 @dataclass(frozen=True)

@@ -13,42 +13,34 @@ names the capture engine hands out (:mod:`streamlens.stream.engine`), the closur
 and the gradient split (:mod:`streamlens.depth.gradients`). Adding a layout is one class here, added
 to :data:`LAYOUTS`, plus its tests.
 
-==============  ==========================================================================================
-layout          rule
-==============  ==========================================================================================
-``pre``         ``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``
-``parallel``    ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``  (GPT-J, GPT-NeoX)
-``sandwich``    ``pre`` with an extra norm on each write: ``attn_out = ln1_post(attn(...))``  (Gemma 2)
-``post``        ``resid_mid = ln1(resid_pre + attn(resid_pre))``; ``resid_post = ln2(resid_mid + mlp(resid_mid))``  (BERT)
-``post_sub``    ``resid_mid = resid_pre + ln1_post(attn(resid_pre))``; ``resid_post = resid_mid + ln2_post(mlp(resid_mid))``
-                (the norm after the sub-layer, none before it: OLMo 2/3, FlexOlmo, EXAONE 4)
-``single``      ``resid_post = resid_pre + mixer(norm(resid_pre))``: one writer per block (Mamba, Mamba 2, Nemotron-H)
-``sandwich_ple`` ``sandwich``, then a per-layer-input write and a scale of the whole stream (Gemma 4):
-                ``ple_read = resid_mid + mlp_out``; ``resid_post = s · (ple_read + ple_out)``
-==============  ==========================================================================================
+=================  =======================================================================================
+layout             rule
+=================  =======================================================================================
+``pre``            ``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``
+``parallel``       ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``  (GPT-J, GPT-NeoX)
+``sandwich``       ``pre`` with an extra norm on each write: ``attn_out = ln1_post(attn(...))``  (Gemma 2)
+``post``           ``resid_mid = ln1(resid_pre + attn(resid_pre))``; ``resid_post = ln2(resid_mid + mlp(resid_mid))``
+``post_sub``       ``resid_mid = resid_pre + ln1_post(attn(resid_pre))``; ``resid_post = resid_mid + ln2_post(mlp(...))``
+                   (the norm after the sub-layer, none before it: OLMo 2/3, FlexOlmo, EXAONE 4)
+``single``         ``resid_post = resid_pre + mixer(norm(resid_pre))``: one writer per block (Mamba, Nemotron-H)
+``single_shared``  ``resid_post = resid_pre + mixer(norm(resid_pre + t))``, ``t`` read but not written (Zamba 2's
+                   hybrid blocks: ``t`` from the shared transformer)
+``sandwich_ple``   ``sandwich``, then a per-layer-input write and a scale of the whole stream (Gemma 4):
+                   ``ple_read = resid_mid + mlp_out``; ``resid_post = s · (ple_read + ple_out)``
+=================  =======================================================================================
 
 A block is a set of writers in two *slots* (:data:`streamlens.model.hooks.SLOTS`): ``attn`` is the
-token mixer (attention, or the bridge's ``mixer`` / ``linear_attn`` / ``conv`` in SSM, linear-attention
-and convolution blocks) and ``mlp`` the channel mixer (MLP or mixture of experts). Every rule above
-holds whatever fills the slots, so hybrid models (Jamba, Bamba, LFM2, Qwen3-Next) follow ``pre``.
+token mixer (attention, or the bridge's ``mixer`` / ``linear_attn`` / ``conv``) and ``mlp`` the channel
+mixer (MLP or mixture of experts); every rule holds whatever fills them (Jamba, LFM2, Qwen3-Next follow
+``pre``). The token mixer may have *co-writers* sharing its read (Falcon-H1's ``mamba`` beside attention:
+``mamba_out``; the token-mixer write is then ``attn_out + mamba_out``). Measured adjustments of any rule
+(:meth:`Layout.adjusted`), kept only where the equations then hold on the model's own numbers:
 
-A slot may hold *several writers that share one read*: Falcon-H1 runs attention and a Mamba mixer side
-by side on the same normalised read (``input_layernorm``) and adds both writes to the stream. The
-token mixer's *co-writers* (``Layout.co_writers``, the bridge's names: ``mamba``) are named like the
-slots (``mamba_read``, ``mamba_read_normed``, ``mamba_out``), and every rule's token-mixer write is then
-``attn_out + Σ co_out``: ``resid_mid = resid_pre + attn_out + mamba_out``.
-
-Measured adjustments apply to any layout (:meth:`Layout.adjusted`):
-
-* *true writes*: where the bridge declares that a slot's write is a point inside it (its hook aliases
-  ``hook_attn_out`` / ``hook_mlp_out``: Bloom's ``attn.o``, MPT's ``mlp.out``, whose sub-module outputs
-  already include the residual), that point is the write;
-* *scaled writes*: ``x + r · f(x)`` with one residual multiplier ``r`` (Granite's ``residual_multiplier``),
-  or one multiplier per writer (Falcon-H1's ``attention_out_multiplier`` and ``ssm_out_multiplier``,
-  applied after the sub-module's output hook): ``Layout.scales``;
-* *co-writers*: the writers beside the token mixer named above.
-
-The probe keeps an adjustment only where the layout's equations then hold on the model's own numbers.
+* *true writes*: a point inside a slot the bridge's hook aliases name as its write (Bloom's ``attn.o``,
+  MPT's ``mlp.out``, whose sub-module outputs already include the residual);
+* *scaled writes*: ``x + r · f(x)``, one ``r`` for all writers (Granite's ``residual_multiplier``) or one
+  per writer (Falcon-H1's attention and SSM out-multipliers, applied after the output hook);
+* *co-writers*, above; and a *stream scale* at the end of the block (Gemma 4's ``layer_scalar``).
 """
 
 from __future__ import annotations
@@ -108,9 +100,7 @@ class Layout:
 
     def with_stream_scale(self, s: float) -> Layout:
         """This rule with the stream multiplied by ``s`` at the end of the block."""
-        if float(s) == self.stream_scale:
-            return self
-        out = copy.copy(self)
+        out = copy.copy(self) if float(s) != self.stream_scale else self
         out.stream_scale = float(s)
         return out
 
@@ -338,6 +328,21 @@ class SingleWriter(Layout):
         return [("resid_post = resid_pre + attn_out", post, pre + named["attn_out"])]
 
 
+class SharedRead(SingleWriter):
+    """``single``, the mixer reading ``resid_pre + t`` (its ``attn_read``), ``t`` not written (Zamba 2's hybrids)."""
+
+    name, rule = "single_shared", "resid_post = resid_pre + mixer(norm(resid_pre + t))"
+
+    def read_points(self, has_ln2: bool) -> dict[str, Point]:
+        return {}
+
+    def points(self, sublayers: Sequence[str], has_ln2: bool) -> set[Point]:
+        return super().points(sublayers, has_ln2) | {("ln1", "in")}
+
+    def named(self, raw, sublayers, has_ln2):
+        return {**super().named(raw, sublayers, has_ln2), **({"attn_read": raw[("ln1", "in")]} if "attn" in sublayers else {})}
+
+
 class PerLayerInput(Sandwich):
     """Gemma 4: ``sandwich``, then a third writer and a scale of the whole stream at the end of the block::
 
@@ -381,9 +386,8 @@ class PerLayerInput(Sandwich):
 
 
 class Mixed:
-    """Blocks that follow different additive rules (OLMo-Hybrid: pre-norm linear-attention blocks between
-    post-sub-layer-norm attention blocks). Model-wide questions are answered for all blocks; per-block ones
-    go to ``Architecture.rule_of(layer)``."""
+    """Blocks that follow different additive rules (OLMo-Hybrid, Zamba 2). Model-wide questions are answered
+    for all blocks; per-block ones go to ``Architecture.rule_of(layer)``."""
 
     additive = True
 
@@ -407,7 +411,7 @@ class Mixed:
 
 #: Every layout streamlens knows, in the order the probe tries them.
 LAYOUTS: tuple[Layout, ...] = (Sandwich(), PreNorm(), Parallel(), PostNorm(), PostSubLayerNorm(), SingleWriter(),
-                               PerLayerInput())
+                               PerLayerInput(), SharedRead())
 _BY_NAME = {lay.name: lay for lay in LAYOUTS}
 
 
