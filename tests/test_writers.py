@@ -292,3 +292,22 @@ def test_zamba2_hybrid_block_reads_the_shared_transformer_but_writes_only_mamba(
     clean, abl = _hand(hf, ids, _decoder_layers(hf)[1].mamba_decoder.mamba, torch.zeros_like)
     kl = _kl(clean, abl)
     assert kl > 1e-6 and abs(ev.evaluate("mixer.1", metrics=("kl",))["kl"] - kl) <= coverage.SKIP_KL_TOL * (1 + kl)
+
+
+def test_gemma4_layers_with_their_own_head_width_refuse_the_head_split_by_name(tmp_path, monkeypatch):
+    """Gemma 4's global-attention layers may have a head width of their own (``global_head_dim``): their per-head
+    split is refused, naming the layer and the widths; everything else still works."""
+    from streamlens import testing
+
+    # layer 1 (full attention) has 4 heads of 16, the model's head width is 8
+    monkeypatch.setitem(testing._EXTRA, "Gemma4ForCausalLM", dict(global_head_dim=16))
+    config, cls = testing.bridged_config("Gemma4ForCausalLM")
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    assert sum(p.numel() for p in model.parameters()) <= coverage.MAX_PARAMS
+    assert model.model.layers[1].self_attn.o_proj.in_features == 64
+    m = sl.load(str(testing.save_model(model, tmp_path / "gemma4_wide")))
+    assert sl.trace(m, PROMPTS).closure_error() <= coverage.CLOSURE_TOL
+    with pytest.raises(sl.UnsupportedModelError, match=r"layer 1's attention output projection takes 64 inputs, "
+                                                       r"not 4 heads × 8"):
+        sl.trace(m, PROMPTS, heads=True)
