@@ -76,6 +76,8 @@ def test_expert_errors(moe, tiny_models):
         ev.evaluate("expert.1.9")
     with pytest.raises(sl.StreamlensError, match="an expert has no skip connection of its own: .* not 'drop-residual'"):
         ev.evaluate("expert.1.0", "drop-residual")
+    with pytest.raises(sl.StreamlensError, match=r"expert\.0\.0: screening estimates writes into the stream"):
+        ev.sweep("expert", screen=2)
     llama = tiny_models("llama")
     with pytest.raises(sl.StreamlensError, match="has no mixture-of-experts blocks"):
         sl.decompose(llama, PROMPTS, "top:1", unit="expert", progress=False)

@@ -36,13 +36,18 @@ def _points(model, units: Sequence[Unit]) -> dict[tuple, tuple]:
     out = {}
     for u in units:
         for a in u.atoms:
+            if a.kind == "expert":  # inside the MoE write: no write of its own into the stream to take a gradient at
+                raise StreamlensError(f"{u.label}: screening estimates writes into the stream, and an expert's share "
+                                      "is part of its block's MoE write; screen the mlp units, or sweep the experts "
+                                      "exactly (screen=None)")
             if a.kind == "head":
                 key, comp, mean_key = ("z", a.layer), ("o", "in"), Atom("attn_z", a.layer)
             else:
                 key, comp, mean_key = (a.kind, a.layer), write_point(arch, a), Atom(a.kind, a.layer)
             hp = hooks.block_point(model.bridge, a.layer, *comp)
             if hp is None:
-                raise StreamlensError(f"{u.label}: no hook point to estimate its removal at")
+                raise StreamlensError(f"{u.label}: the bridge has no hook point on this {a.kind} write to take the "
+                                      "gradient at, so its removal cannot be estimated; sweep it exactly (screen=None)")
             out[key] = (hp, mean_key)
     return out
 
