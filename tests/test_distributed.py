@@ -153,3 +153,21 @@ def test_merge_has_help_with_an_example(capsys):
     with pytest.raises(SystemExit) as e:
         main(["merge", "--help"])
     assert e.value.code == 0 and "streamlens merge part0.jsonl" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_expert_mean_sweep_is_the_single_process_table(tmp_path):
+    """The experts' mean shares are computed on first use; under torchrun the ranks share that pass too."""
+    from streamlens.testing import build_bridged
+
+    folder, _ = build_bridged("MixtralForCausalLM", tmp_path / "mixtral")
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(t.replace("\n", " ") for t in TEXTS) + "\n")
+    args = ["sweep", str(folder), "--data", str(data), "--unit", "expert", "--mode", "mean", "--max-tokens", "12",
+            "--batch-size", "2", "--metrics", "kl,ce"]
+    r = _torchrun(["-m", "streamlens", *args, "--out", "multi.csv"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "single.csv")]) == 0
+    multi, single = pd.read_csv(tmp_path / "multi.csv"), pd.read_csv(tmp_path / "single.csv")
+    assert len(single) >= 4 and float(single["kl"].max()) > 0
+    _same_table(multi, single)

@@ -82,6 +82,17 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
         sl.load("no-such-org/no-such-model")
 
 
+def test_a_relative_folder_named_like_an_alias_loads_offline(tiny_dirs, tmp_path, monkeypatch):
+    """A local folder called "mixtral" (a TransformerLens alias of a hub model) is the folder, not the hub's Mixtral."""
+    import shutil
+
+    shutil.copytree(tiny_dirs("gpt2"), tmp_path / "mixtral")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once, not after retries, if the hub is asked
+    m = sl.load("mixtral")
+    assert m.name == "mixtral" and m.arch == sl.load(str(tiny_dirs("gpt2"))).arch
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(sl.StreamlensError, match="does not exist"):
         sl.load(str(tmp_path / "nothing" / "here"))

@@ -33,30 +33,37 @@ def mean_writes(model, batches, over: str = "position") -> dict:
 class MeanWrites(dict):
     """The mean writes of :func:`mean_writes`; the mean share of each routed expert (``Atom("expert", l, e)``, the
     expert's output times its routing weight, before any residual multiplier or norm) is computed on first use,
-    one pass over the same batches for all experts of layer ``l`` (it costs one experts call per expert)."""
+    one pass over the same batches for all experts of layer ``l`` (it costs one experts call per expert).
 
-    def __init__(self, means: dict, model, batches, over: str):
+    ``ordered(compute, n)`` yields ``compute(i)`` for batches ``i < n`` in batch order (default: computed
+    here, one after the other); a sharded pass passes one that computes each batch on one worker and
+    gathers them (:func:`streamlens.skip.distributed.mean_writes`), so the sums are added in the same order."""
+
+    def __init__(self, means: dict, model, batches, over: str, ordered=None):
         super().__init__(means)
         self.model, self.batches, self.over = model, batches, over
+        self.ordered = ordered or (lambda compute, n: (compute(i) for i in range(n)))
 
     def get(self, atom, default=None):
         if isinstance(atom, Atom) and atom.kind == "expert" and atom not in self:
-            self.update(_expert_means(self.model, atom.layer, self.batches, self.over))
+            batches = self.batches
+            sums: dict = {}
+            counts: dict = {}
+            for part in self.ordered(lambda i: expert_write_sums(self.model, atom.layer, batches[i]), len(batches)):
+                add_write_sums(sums, counts, part)
+            self.update(finish_means(sums, counts, self.over))
         return super().get(atom, default)
 
 
-def _expert_means(model, layer: int, batches, over: str) -> dict:
-    sums: dict = {}
-    counts: dict = {}
-    for batch in batches:
-        b, p = batch.input_ids.shape
-        with torch.no_grad(), experts.recording(model, [layer]) as calls:
-            model.run(batch.input_ids, batch.mask)
-        shares = experts.expert_writes(model, layer, calls[layer], scaled=False).double()  # (E, tokens, d)
-        mask = batch.mask.to(shares.device).double()[..., None]  # (b, p, 1)
-        add_write_sums(sums, counts, {Atom("expert", layer, e): ((w.reshape(b, p, -1) * mask).sum(0), mask.sum(0))
-                                      for e, w in enumerate(shares)})
-    return finish_means(sums, counts, over)
+def expert_write_sums(model, layer: int, batch) -> dict:
+    """``{Atom("expert", layer, e): (sum, count)}`` of one batch, as :func:`batch_write_sums` for the routed
+    experts' shares of block ``layer``."""
+    b, p = batch.input_ids.shape
+    with torch.no_grad(), experts.recording(model, [layer]) as calls:
+        model.run(batch.input_ids, batch.mask)
+    shares = experts.expert_writes(model, layer, calls[layer], scaled=False).double()  # (E, tokens, d)
+    mask = batch.mask.to(shares.device).double()[..., None]  # (b, p, 1)
+    return {Atom("expert", layer, e): ((w.reshape(b, p, -1) * mask).sum(0), mask.sum(0)) for e, w in enumerate(shares)}
 
 
 def batch_write_sums(model, batch) -> dict:

@@ -152,8 +152,7 @@ def intervention_hooks(model, unit: Unit, mode: str, means: dict | None, n_pos: 
         # mean: each expert's share replaced by its mean share over the data (before any multiplier or norm)
         got = {e: None if means is None else means.get(Atom("expert", layer, e)) for e in es}
         if any(m is None for m in got.values()):
-            raise StreamlensError(f"{unit.label} in mode 'mean': no mean expert shares were computed (the mean pass of "
-                                  "a torchrun process group has none); use mode 'skip' or run in one process")
+            raise StreamlensError(f"{unit.label} in mode 'mean': no mean expert shares were given for it")
         new = {e: (lambda share, m=m: _fit(_mean_like(m, share, n_pos), share)) for e, m in got.items()}
         out.extend(replacement_hooks(model, layer, new))
     return out

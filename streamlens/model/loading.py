@@ -277,7 +277,8 @@ def load(source: Any, tokenizer: Any = None, *, device: str | torch.device | Non
     if path.exists():
         if not (path / "config.json").exists():
             raise StreamlensError(f"model folder {source!r} has no config.json (save it with save_pretrained)")
-        return _boot(str(path), device, torch_dtype, name=source, **placement)
+        # absolute: a relative folder named like a TransformerLens alias ("mixtral") would be looked up on the hub
+        return _boot(str(path.resolve()), device, torch_dtype, name=source, **placement)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise StreamlensError(f"model folder {source!r} does not exist")
     return _boot(source, device, torch_dtype, name=source, **placement)

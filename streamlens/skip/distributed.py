@@ -125,16 +125,20 @@ def mean_writes(model, batches: list, over: str, shard: Shard | None = None) -> 
     if not shard.collective:
         return means.mean_writes(model, batches, over)
 
-    def on_cpu(i):
-        return {a: (s.cpu(), c.cpu()) for a, (s, c) in means.batch_write_sums(model, batches[i]).items()}
+    def ordered(compute, n: int):
+        """Each batch's sums computed on one rank, gathered, and back where one process would have added them:
+        the device of the block that wrote them."""
+        on_cpu = lambda i: {a: (s.cpu(), c.cpu()) for a, (s, c) in compute(i).items()}  # noqa: E731
+        for part in in_batch_order(on_cpu, n, shard):
+            yield {a: (s.to(means.atom_device(model, a)), c.to(means.atom_device(model, a))) for a, (s, c) in part.items()}
 
     sums: dict = {}
     counts: dict = {}
-    for part in in_batch_order(on_cpu, len(batches), shard):
-        # back where one process would have added them: the device of the block that wrote them
-        means.add_write_sums(sums, counts, {a: (s.to(means.atom_device(model, a)), c.to(means.atom_device(model, a)))
-                                            for a, (s, c) in part.items()})
-    return means.finish_means(sums, counts, over)
+    for part in ordered(lambda i: means.batch_write_sums(model, batches[i]), len(batches)):
+        means.add_write_sums(sums, counts, part)
+    # the experts' mean shares, computed when first asked for, are sharded the same way; every rank must ask
+    # at the same point (the evaluator asks for those of a sweep's units before its first batch)
+    return means.MeanWrites(means.finish_means(sums, counts, over), model, batches, over, ordered)
 
 
 def all_max(value: int, shard: Shard) -> int:

@@ -160,6 +160,9 @@ class LayerSkipEvaluator:
         shard = shard or distributed.current()
         if mode == "mean":
             self.ensure_means()
+            # the experts' mean shares: made here, by every rank at once and in one order (a set's order is not)
+            for a in sorted({a for u in units for a in u.atoms if a.kind == "expert"}):
+                self._means.get(a)
         L = self.model.arch.n_layers
         names = stored_names(names)
         sums = {u.label: {k: torch.zeros(self.n_docs, dtype=torch.float64) for k in names} for u in units}
