@@ -100,21 +100,19 @@ def _floats(path: Path, n: int, v, what: str, width: int | None = None) -> Tenso
     return torch.tensor(flat, dtype=torch.float64)
 
 
-def read_file(path: Path, *, truncate: bool = False) -> Contents:
-    """Parse a document-sums file (see the module docstring for what is an error)."""
-    path = Path(path)
-    if not path.exists():
-        raise StreamlensError(f"document-sums file {str(path)!r} does not exist")
+def log_lines(path: Path, fmt: str, what: str, *, truncate: bool, stacklevel: int) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of each line of an append-only JSONL log whose first line is a header of format
+    ``fmt``. A last line cut off by a kill is dropped with a warning (and cut from the file when ``truncate``);
+    a line that is not a JSON object, or a header of another format, is an error naming the file and line."""
     data = path.read_bytes()
     lines = data.split(b"\n")
-    if lines[-1]:  # the last write was cut off: drop it
-        warnings.warn(f"{path.name}: line {len(lines)} was cut off by an interruption; dropping it", stacklevel=3)
+    if lines[-1]:  # the last write was cut off: drop it (that step is redone)
+        warnings.warn(f"{path.name}: line {len(lines)} was cut off by an interruption; dropping it", stacklevel=stacklevel)
         if truncate:
             with path.open("r+b") as f:
                 f.truncate(len(data) - len(lines[-1]))
-    lines = lines[:-1]
-    out = None
-    for n, raw in enumerate(lines, 1):
+    out = []
+    for n, raw in enumerate(lines[:-1], 1):
         if not raw.strip():
             continue
         try:
@@ -123,10 +121,21 @@ def read_file(path: Path, *, truncate: bool = False) -> Contents:
             raise StreamlensError(f"{path.name} line {n} is not valid JSON ({e})") from e
         if not isinstance(obj, dict):
             raise StreamlensError(f"{path.name} line {n} is not a JSON object")
+        if not out and obj.get("format") != fmt:
+            raise StreamlensError(f"{path.name} line {n} is not a streamlens {what} header "
+                                  f"(format {obj.get('format')!r}, expected {fmt!r})")
+        out.append((n, obj))
+    return out
+
+
+def read_file(path: Path, *, truncate: bool = False) -> Contents:
+    """Parse a document-sums file (see the module docstring for what is an error)."""
+    path = Path(path)
+    if not path.exists():
+        raise StreamlensError(f"document-sums file {str(path)!r} does not exist")
+    out = None
+    for n, obj in log_lines(path, FORMAT, "document-sums", truncate=truncate, stacklevel=4):
         if out is None:
-            if obj.get("format") != FORMAT:
-                raise StreamlensError(f"{path.name} line 1 is not a streamlens document-sums header "
-                                      f"(format {obj.get('format')!r}, expected {FORMAT!r})")
             out = Contents(obj)
             continue
         lo = obj.get("lo")

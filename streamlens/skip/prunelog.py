@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 from streamlens.errors import StreamlensError
-from streamlens.skip.docsums import check_fingerprint
+from streamlens.skip.docsums import check_fingerprint, log_lines
 from streamlens.skip.rowstore import check_out, write_row
 
 FORMAT = "streamlens-prune/1"
@@ -77,25 +76,9 @@ class PruneLog:
 
 
 def _read(path: Path, header: dict, *, truncate: bool) -> list[dict]:
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    if lines[-1]:  # the last write was cut off by a kill: that step is redone
-        warnings.warn(f"{path.name}: line {len(lines)} was cut off by an interruption; dropping it", stacklevel=4)
-        if truncate:
-            with path.open("r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
     rows: list[dict] = []
-    for n, raw in enumerate(lines[:-1], 1):
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StreamlensError(f"{path.name} line {n} is not valid JSON ({e})") from e
-        if not isinstance(obj, dict):
-            raise StreamlensError(f"{path.name} line {n} is not a JSON object")
-        if n == 1:
-            if obj.get("format") != FORMAT:
-                raise StreamlensError(f"{path.name} line 1 is not a streamlens pruning log header "
-                                      f"(format {obj.get('format')!r}, expected {FORMAT!r})")
+    for i, (n, obj) in enumerate(log_lines(path, FORMAT, "pruning log", truncate=truncate, stacklevel=5)):
+        if i == 0:
             check_fingerprint(path, obj, header)
             continue
         if obj.get("step") != len(rows) or not isinstance(obj.get("unit"), str):
